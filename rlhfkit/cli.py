@@ -1,0 +1,146 @@
+"""Command-line plumbing shared by every stage: arguments from dataclasses, YAML configs, clean errors.
+
+Precedence: dataclass defaults < `--config file.yaml` < command-line flags. Unknown keys are fatal in both the
+YAML file and the command line (TRL's `fail_with_unknown_args=False` silently drops typos; we do not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+logger = logging.getLogger("rlhfkit")
+
+
+def _parser(dataclass_types: Sequence[type]):
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(list(dataclass_types))
+
+
+def _known_keys(parser) -> set[str]:
+    return {action.dest for action in parser._actions if action.dest != "help"}
+
+
+def _suggest(key: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _yaml_to_argv(path: str, known: set[str]) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f": line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}{line}: not valid YAML") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: a config file must be a mapping of argument names to values")
+    argv: list[str] = []
+    for key, value in config.items():
+        if key not in known:
+            raise UserError(f"{path}: unknown key '{key}'{_suggest(str(key), known)}")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv += [f"--{key}", "true" if value else "false"]
+        elif isinstance(value, list):
+            argv += [f"--{key}", *[str(item) for item in value]]
+        elif isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
+    """Parse `argv` (default: `sys.argv[1:]`) into one instance per dataclass type.
+
+    `--config path.yaml` may appear anywhere; its keys are the same names as the flags.
+    """
+    parser = _parser(dataclass_types)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known = _known_keys(parser)
+    config_argv: list[str] = []
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise UserError("--config needs a YAML file path")
+        config_argv = _yaml_to_argv(argv[index + 1], known)
+        argv = argv[:index] + argv[index + 2 :]
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(
+            args=config_argv + argv, return_remaining_strings=True
+        )
+    except (ValueError, TypeError) as exc:  # raised by dataclass __post_init__ validation
+        raise UserError(str(exc)) from None
+    if remaining:
+        flag = remaining[0]
+        name = flag.lstrip("-").split("=")[0]
+        raise UserError(f"unknown argument '{flag}'{_suggest(name, known)}; see --help")
+    return tuple(parsed)
+
+
+def to_dict(*instances) -> dict[str, Any]:
+    """Flatten parsed dataclasses into one JSON-serialisable dict (what run_info.json and args.yaml record)."""
+    out: dict[str, Any] = {}
+    for instance in instances:
+        if hasattr(instance, "to_dict"):  # TrainingArguments drops private and deprecated fields itself
+            values = instance.to_dict()
+        else:
+            values = dataclasses.asdict(instance)
+        for key, value in values.items():
+            if key.startswith("_"):
+                continue
+            try:
+                json.dumps(value)
+            except TypeError:
+                value = str(value)
+            out[key] = value
+    return out
+
+
+def setup_logging(main_process: bool = True) -> None:
+    level = logging.INFO if main_process else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
+    for noisy in ("transformers.modeling_utils", "datasets", "httpx", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def require(module: str, feature: str, extra: str | None = None) -> None:
+    """Fail with one line when an optional dependency (GPU-only extras) is missing."""
+    if importlib.util.find_spec(module) is None:
+        hint = f"pip install 'rlhfkit[{extra}]'" if extra else f"pip install {module}"
+        raise UserError(f"{feature} needs the '{module}' package, which is not installed ({hint})")
+
+
+def require_cuda(feature: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"{feature} needs a CUDA GPU and none is visible to this process")
+
+
+def run_stage(main: Callable[..., Any], dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> None:
+    """Entry point of every stage script: parse, run `main(*parsed)`, turn `UserError` into one line + exit 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        parsed = parse_args(dataclass_types, argv)
+        main(*parsed)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

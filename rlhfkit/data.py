@@ -1,0 +1,415 @@
+"""Preference data: read any supported file or hub dataset, convert to the one canonical schema, validate, report.
+
+Canonical row (see docs/internals.md):
+    {"prompt": [messages ending with a user turn], "chosen": [assistant turn(s)], "rejected": [assistant turn(s)],
+     optional "margin": float, "source": str, "subset": str, "id": str}
+
+Input formats, detected per row (`detect_format`):
+    pair_messages   chosen/rejected are whole conversations sharing a prompt (RLHFlow, TRL implicit prompt)
+    explicit        prompt + chosen/rejected, each a string or a message list (TRL explicit prompt, RewardBench rows
+                    `prompt, chosen, rejected, subset[, id]`)
+    hh_text         chosen/rejected are raw "\\n\\nHuman: … \\n\\nAssistant: …" dialogues (Anthropic HH-RLHF)
+    lmflow          a file `{"instances": [{"positive", "negative"}]}` of raw dialogues (LMFlow reward modelling)
+
+Every conversion problem raises `UserError("<file>: row <n>: field '<f>': …")` unless `skip_invalid=True`, in which
+case the row is skipped and counted; pairs whose chosen equals rejected are always dropped and counted. The counts
+are in `PreferenceData.report` and logged at the end of loading.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError, where
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+_SUPPORTED = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+
+
+class RowError(Exception):
+    """A problem with one field of one row; the loader adds file and row number."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(message)
+        self.field = field_name
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading files
+# ---------------------------------------------------------------------------------------------------------------
+def _read_jsonl(path: Path, opener) -> list[dict]:
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{where(path, number)}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{where(path, number)}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path, opener) -> list[dict]:
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            payload = json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    if isinstance(payload, dict) and "instances" in payload:  # LMFlow: {"type": ..., "instances": [...]}
+        rows = payload["instances"]
+        if not isinstance(rows, list):
+            raise UserError(f"{path}: field 'instances' must be a list")
+        kind = payload.get("type")
+        return [dict(row, _lmflow_type=kind) if isinstance(row, dict) else row for row in rows]
+    if isinstance(payload, dict):  # columnar {"chosen": [...], "rejected": [...]}
+        lengths = {len(value) for value in payload.values() if isinstance(value, list)}
+        if len(lengths) == 1 and all(isinstance(value, list) for value in payload.values()):
+            keys = list(payload)
+            return [{key: payload[key][i] for key in keys} for i in range(lengths.pop())]
+        raise UserError(f"{path}: a JSON file must hold a list of rows, LMFlow 'instances', or equal-length columns")
+    if not isinstance(payload, list):
+        raise UserError(f"{path}: a JSON file must hold a list of rows")
+    return payload
+
+
+def read_records(path: str | os.PathLike, split: str = "train") -> list[dict]:
+    """Rows of a local .jsonl/.jsonl.gz/.json/.json.gz/.parquet file, a directory of them, a `save_to_disk` dir,
+    or a hub dataset name (`datasets.load_dataset`). Rows are returned as dicts; numbering in errors is 1-based."""
+    path = Path(path)
+    name = path.name.lower()
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            from datasets import load_from_disk
+
+            dataset = load_from_disk(str(path))
+            if hasattr(dataset, "keys"):
+                if split not in dataset:
+                    raise UserError(f"{path}: split '{split}' not found (has {sorted(dataset.keys())})")
+                dataset = dataset[split]
+            return [dict(row) for row in dataset]
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(_SUPPORTED))
+        if not files:
+            raise UserError(f"{path}: directory has no {', '.join(_SUPPORTED)} files")
+        rows: list[dict] = []
+        for file in files:
+            rows.extend(read_records(file))
+        return rows
+    if path.exists():
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            return _read_jsonl(path, gzip.open if name.endswith(".gz") else open)
+        if name.endswith((".json", ".json.gz")):
+            return _read_json(path, gzip.open if name.endswith(".gz") else open)
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            try:
+                return pq.read_table(path).to_pylist()
+            except Exception as exc:  # pyarrow raises several types for damaged files
+                raise UserError(f"{path}: not a readable parquet file ({type(exc).__name__})") from None
+        raise UserError(f"{path}: unsupported file type (use {', '.join(_SUPPORTED)} or a directory)")
+    text = str(path)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith("."):
+        return _read_hub(text, split)
+    raise UserError(f"{path}: file not found")
+
+
+def _read_hub(name: str, split: str) -> list[dict]:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(name, split=split)
+    except Exception as exc:  # offline, missing, gated: all end the same way for the user
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{name}: cannot load hub dataset split '{split}' ({first}); pass a local copy instead") from None
+    return [dict(row) for row in dataset]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# conversion (pure, per row)
+# ---------------------------------------------------------------------------------------------------------------
+_HH_STRICT = re.compile(r"\n\n(Human|Assistant):")
+_HH_HASH = re.compile(r"###\s*(Human|Assistant):")
+_HH_LOOSE = re.compile(r"(?:^|(?<=\s))(Human|Assistant):")
+
+
+def parse_hh_dialogue(text: str, field_name: str = "text") -> list[dict]:
+    """Messages of a raw "\\n\\nHuman: … \\n\\nAssistant: …" dialogue (also LMFlow's "###Human:" and one-line forms)."""
+    if not isinstance(text, str):
+        raise RowError(field_name, f"expected a dialogue string, got {type(text).__name__}")
+    body = text if text.startswith("\n\n") else "\n\n" + text
+    pattern = _HH_STRICT if _HH_STRICT.search(body) else (_HH_HASH if _HH_HASH.search(text) else _HH_LOOSE)
+    source = body if pattern is _HH_STRICT else text
+    pieces = pattern.split(source)
+    if len(pieces) < 3:
+        raise RowError(field_name, "no 'Human:'/'Assistant:' turns found")
+    if pieces[0].strip():
+        raise RowError(field_name, "text before the first 'Human:' turn")
+    messages = []
+    for speaker, content in zip(pieces[1::2], pieces[2::2]):
+        role = "user" if speaker == "Human" else "assistant"
+        content = content.strip()
+        if messages and messages[-1]["role"] == role:  # HH has a few doubled turns: join rather than fail
+            messages[-1]["content"] = (messages[-1]["content"] + "\n\n" + content).strip()
+        else:
+            messages.append({"role": role, "content": content})
+    return messages
+
+
+def _messages(value: Any, field_name: str, default_role: str) -> list[dict]:
+    """A message list from a string (one turn of `default_role`) or a list of {role, content} dicts."""
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if not isinstance(value, list):
+        raise RowError(field_name, f"expected a string or a list of messages, got {type(value).__name__}")
+    out = []
+    for index, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise RowError(field_name, f"message {index} must be an object with 'role' and 'content'")
+        out.append({"role": message["role"], "content": message["content"]})
+    return out
+
+
+def split_shared_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
+    """Split two whole conversations into (shared prompt ending with a user turn, chosen tail, rejected tail)."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared > 0 and chosen[shared - 1]["role"] != "user":
+        shared -= 1
+    if shared == 0:
+        raise RowError("chosen", "chosen and rejected share no prompt ending with a user turn")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def detect_format(row: dict) -> str:
+    keys = set(row)
+    if {"positive", "negative"} <= keys:
+        return "lmflow"
+    if {"chosen", "rejected"} <= keys:
+        if "prompt" in keys:
+            return "explicit"
+        if isinstance(row["chosen"], str):
+            return "hh_text"
+        return "pair_messages"
+    missing = sorted({"chosen", "rejected"} - keys)
+    raise RowError(missing[0], f"missing (a preference row needs chosen/rejected, or LMFlow positive/negative; "
+                               f"found fields {sorted(k for k in keys if not k.startswith('_'))})")
+
+
+def _validate_turns(messages: list[dict], field_name: str, kind: str) -> None:
+    if not messages:
+        raise RowError(field_name, "is empty")
+    expected = "user" if kind == "prompt" else "assistant"
+    start = 1 if kind == "prompt" and messages[0]["role"] == "system" else 0
+    if kind == "prompt" and start == 1 and len(messages) == 1:
+        raise RowError(field_name, "has only a system message; the prompt must end with a user turn")
+    for index, message in enumerate(messages):
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise RowError(field_name, f"message {index} has unknown role '{role}' (use {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise RowError(field_name, f"message {index} content must be a string, got {type(content).__name__}")
+        if not content.strip():
+            raise RowError(field_name, f"message {index} ({role}) has empty content")
+        if index < start:
+            continue
+        if role != expected:
+            raise RowError(field_name, f"message {index} is '{role}' where '{expected}' was expected (roles must alternate)")
+        expected = "assistant" if expected == "user" else "user"
+    last = messages[-1]["role"]
+    if kind == "prompt" and last != "user":
+        raise RowError(field_name, "must end with a user turn")
+    if kind == "response" and last != "assistant":
+        raise RowError(field_name, "must end with an assistant turn")
+
+
+def to_canonical(row: dict, fmt: str | None = None) -> dict:
+    """Convert one input row to the canonical schema (pure). Raises RowError naming the field at fault."""
+    fmt = fmt or detect_format(row)
+    if fmt == "lmflow":
+        full_chosen = parse_hh_dialogue(row["positive"], "positive")
+        full_rejected = parse_hh_dialogue(row["negative"], "negative")
+        prompt, chosen, rejected = split_shared_prompt(full_chosen, full_rejected)
+    elif fmt == "hh_text":
+        full_chosen = parse_hh_dialogue(row["chosen"], "chosen")
+        if not isinstance(row["rejected"], str):
+            raise RowError("rejected", "expected a dialogue string like 'chosen'")
+        full_rejected = parse_hh_dialogue(row["rejected"], "rejected")
+        prompt, chosen, rejected = split_shared_prompt(full_chosen, full_rejected)
+    elif fmt == "pair_messages":
+        full_chosen = _messages(row["chosen"], "chosen", "assistant")
+        full_rejected = _messages(row["rejected"], "rejected", "assistant")
+        prompt, chosen, rejected = split_shared_prompt(full_chosen, full_rejected)
+    elif fmt == "explicit":
+        prompt = _messages(row["prompt"], "prompt", "user")
+        chosen = _messages(row["chosen"], "chosen", "assistant")
+        rejected = _messages(row["rejected"], "rejected", "assistant")
+        # TRL-style rows sometimes repeat the prompt inside chosen/rejected: strip it
+        if chosen[: len(prompt)] == prompt and rejected[: len(prompt)] == prompt and len(chosen) > len(prompt):
+            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+    else:
+        raise RowError("format", f"unknown format '{fmt}'")
+    _validate_turns(prompt, "prompt", "prompt")
+    _validate_turns(chosen, "chosen" if fmt != "lmflow" else "positive", "response")
+    _validate_turns(rejected, "rejected" if fmt != "lmflow" else "negative", "response")
+    out: dict[str, Any] = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if row.get("margin") is not None:
+        margin = row["margin"]
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin:
+            raise RowError("margin", f"must be a number, got {margin!r}")
+        out["margin"] = float(margin)
+    for key in ("source", "subset", "id"):
+        if row.get(key) is not None:
+            out[key] = str(row[key])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading several sources
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class SourceSpec:
+    path: str
+    count: int | None = None
+    fraction: float | None = None
+
+    @property
+    def name(self) -> str:
+        base = Path(self.path).name
+        for suffix in _SUPPORTED:
+            if base.lower().endswith(suffix):
+                return base[: -len(suffix)]
+        return base
+
+
+def parse_source(spec: str) -> SourceSpec:
+    """`path`, `path:N` (first N after a seeded shuffle) or `path:0.25` (that fraction)."""
+    match = re.fullmatch(r"(.+?):(\d+(?:\.\d+)?)", spec)
+    if not match or os.path.exists(spec):
+        return SourceSpec(spec)
+    path, amount = match.group(1), match.group(2)
+    if "." in amount:
+        fraction = float(amount)
+        if not 0 < fraction <= 1:
+            raise UserError(f"{spec}: a fraction must be in (0, 1]")
+        return SourceSpec(path, fraction=fraction)
+    return SourceSpec(path, count=int(amount))
+
+
+@dataclass
+class PreferenceData:
+    rows: list[dict]
+    report: dict[str, dict] = field(default_factory=dict)  # per source: read, kept, dropped_*, skipped_*
+
+    def totals(self) -> dict[str, int]:
+        total: Counter = Counter()
+        for counts in self.report.values():
+            total.update(counts)
+        return dict(total)
+
+    def log(self, title: str = "preference data") -> None:
+        for source, counts in self.report.items():
+            details = ", ".join(f"{key}={value}" for key, value in counts.items() if key not in ("read", "kept"))
+            logger.info("%s: %s: read %d, kept %d%s", title, source, counts.get("read", 0), counts.get("kept", 0),
+                        f" ({details})" if details else "")
+
+
+def load_preferences(
+    sources: list[str] | str,
+    seed: int = 42,
+    skip_invalid: bool = False,
+    split: str = "train",
+) -> PreferenceData:
+    """Load and convert one or more sources (see `parse_source`) into canonical rows.
+
+    Rows without a `source` field get the source's file stem, so multi-source objectives (MORE) can group them.
+    """
+    if isinstance(sources, str):
+        sources = [sources]
+    if not sources:
+        raise UserError("no dataset given (--dataset_path)")
+    rows: list[dict] = []
+    report: dict[str, dict] = {}
+    for spec_text in sources:
+        spec = parse_source(spec_text)
+        records = read_records(spec.path, split=split)
+        counts: Counter = Counter(read=len(records))
+        converted = []
+        for number, record in enumerate(records, start=1):
+            if not isinstance(record, dict):
+                raise UserError(f"{where(spec.path, number)}: a row must be an object, got {type(record).__name__}")
+            try:
+                row = to_canonical(record)
+            except RowError as exc:
+                if skip_invalid:
+                    counts[f"skipped_invalid_{exc.field}"] += 1
+                    continue
+                raise UserError(f"{where(spec.path, number, exc.field)}: {exc.message} "
+                                f"(or pass --skip_invalid_rows true to skip and count such rows)") from None
+            if row["chosen"] == row["rejected"]:
+                counts["dropped_identical"] += 1
+                continue
+            row.setdefault("source", spec.name)
+            converted.append(row)
+        if spec.count is not None or spec.fraction is not None:
+            want = spec.count if spec.count is not None else round(spec.fraction * len(converted))
+            if want > len(converted):
+                logger.warning("%s: asked for %d rows, only %d available", spec.path, want, len(converted))
+            order = list(range(len(converted)))
+            random.Random(seed).shuffle(order)
+            keep = sorted(order[: min(want, len(converted))])
+            counts["dropped_sampling"] += len(converted) - len(keep)
+            converted = [converted[i] for i in keep]
+        counts["kept"] = len(converted)
+        report[spec_text] = dict(counts)
+        rows.extend(converted)
+    data = PreferenceData(rows, report)
+    data.log()
+    return data
+
+
+def train_eval_split(rows: list[dict], percentage: float, seed: int = 42) -> tuple[list[dict], list[dict]]:
+    """Hold out `percentage` % of rows (LMFlow's --validation_split_percentage), seeded."""
+    if not 0 <= percentage < 100:
+        raise UserError("--validation_split_percentage must be in [0, 100)")
+    if percentage == 0:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(rows) * percentage / 100))
+    eval_index = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in eval_index], [r for i, r in enumerate(rows) if i in eval_index]
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write rows as JSONL to a temp file beside `path`, then rename it into place."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    opener = gzip.open if path.name.endswith(".gz") else open
+    os.close(fd)
+    from .checkpoints import default_file_mode
+
+    os.chmod(tmp, default_file_mode())
+    with opener(tmp, "wt", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

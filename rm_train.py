@@ -1,0 +1,195 @@
+"""Reward-model training with the Bradley-Terry loss.
+
+    accelerate launch rm_train.py --model_name_or_path <dir|built-in> --dataset_path pairs.jsonl --output_dir runs/rm
+
+Features: any AutoModelForSequenceClassification backbone (causal LMs: Llama, Qwen, Gemma, GPT-2…; encoders: BERT,
+DeBERTa…); full fine-tuning, LoRA or QLoRA (the reward head is trained and saved as a full module); every input
+format of `rlhfkit.data`, several sources at once (`path:N` / `path:0.3`); margins; reward centering; prompt
+truncation from the left instead of dropping long pairs (`--truncation left_prompt`, counted); an eval split
+(`--validation_split_percentage` or `--eval_dataset_path`) with exact accuracy; multi-objective training
+(`--objective multitask|more`, see rlhfkit/more.py); ZeRO-2/3 via configs/accelerate/*.yaml with complete weights
+on save; `--resume_from_checkpoint true`.
+
+Assumptions: one scalar reward per sequence, read at the last non-pad token (decoder LMs) or the pooled first token
+(encoders); the pad token is made distinct from EOS (rlhfkit.models.ensure_pad_token). The output dir follows the
+stage contract (rlhfkit/checkpoints.py); its run_info.json records `reward_stats` (mean/std of rewards on training
+responses) for reward normalisation in PPO.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+
+from rlhfkit.args import ModelArguments
+from rlhfkit.cli import run_stage, setup_logging, to_dict
+from rlhfkit.errors import UserError
+from rlhfkit.tokenization import tokenize_pair
+
+logger = logging.getLogger("rm_train")
+
+
+@dataclass
+class ScriptArguments:
+    dataset_path: list[str] = field(
+        default=None,
+        metadata={"help": "Preference data: files (.jsonl/.jsonl.gz/.json/.parquet), dirs or hub names; "
+                  "'path:N' takes N rows, 'path:0.3' a fraction."},
+    )
+    eval_dataset_path: list[str] = field(default=None, metadata={"help": "Separate held-out preference data."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to read from hub datasets / save_to_disk dirs."})
+    validation_split_percentage: float = field(
+        default=0.0, metadata={"help": "Hold out this % of --dataset_path for evaluation (ignored with --eval_dataset_path)."}
+    )
+    truncation: str = field(
+        default="left_prompt",
+        metadata={"help": "Pairs longer than --max_length: 'left_prompt' cuts the prompt from the left and keeps both "
+                  "responses whole; 'drop' drops the pair. Both are counted and reported."},
+    )
+    skip_invalid_rows: bool = field(default=False, metadata={"help": "Skip (and count) malformed rows instead of failing."})
+    objective: str = field(default="bt", metadata={"help": "bt | multitask | more (multi-objective; needs a 'source' per row)."})
+    alpha: float = field(default=0.99, metadata={"help": "MORE: momentum of the per-source weights."})
+    normalize: str = field(default="l2", metadata={"help": "MORE: gradient normalisation before the min-norm solve: l2 | none."})
+    reward_stats_samples: int = field(
+        default=1000, metadata={"help": "Training pairs scored after training for run_info.json's reward mean/std."}
+    )
+
+    def __post_init__(self):
+        if self.truncation not in ("left_prompt", "drop"):
+            raise ValueError(f"--truncation must be left_prompt or drop, not '{self.truncation}'")
+        if self.objective not in ("bt", "multitask", "more"):
+            raise ValueError(f"--objective must be bt, multitask or more, not '{self.objective}'")
+        if self.normalize not in ("l2", "none"):
+            raise ValueError(f"--normalize must be l2 or none, not '{self.normalize}'")
+
+
+def tokenize_rows(rows: list[dict], tokenizer, max_length: int | None, truncation: str, source_index: dict | None):
+    """Pre-tokenised records for the trainer, plus counts of truncated and dropped pairs."""
+    records, counts = [], {"pairs": len(rows), "truncated": 0}
+    has_margin = any("margin" in row for row in rows)
+    for row in rows:
+        pair = tokenize_pair(tokenizer, row, max_length, truncation)
+        if pair.dropped:
+            counts[f"dropped_{pair.dropped}"] = counts.get(f"dropped_{pair.dropped}", 0) + 1
+            continue
+        counts["truncated"] += int(pair.truncated)
+        record = {"chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids}
+        if has_margin:
+            record["margin"] = float(row.get("margin", 0.0))
+        if source_index is not None:
+            record["source_index"] = source_index[row["source"]]
+        records.append(record)
+    counts["kept"] = len(records)
+    return records, counts
+
+
+def main(script_args: ScriptArguments, model_args: ModelArguments, training_args) -> dict:
+    # ---------------------------------------------------------------- setup
+    from datasets import Dataset
+
+    from rlhfkit.checkpoints import StageOutput, fingerprint, parent_record, save_final_model
+    from rlhfkit.data import load_preferences, train_eval_split
+    from rlhfkit.models import (ensure_pad_token, load_reward_model, load_tokenizer, peft_config, resolve_model,
+                                reward_head_names)
+    from rlhfkit.reward_trainer import RewardModelTrainer
+
+    if not script_args.dataset_path:
+        raise UserError("--dataset_path is required")
+    output = StageOutput(training_args.output_dir, stage="rm", overwrite=model_args.overwrite_output_dir,
+                         resume=training_args.resume_from_checkpoint not in (None, "", "false", "False"))
+    resume_from = output.resolve_resume(training_args.resume_from_checkpoint)
+    final_dir = training_args.output_dir
+    training_args.output_dir = str(output.checkpoints)
+    setup_logging(training_args.process_index == 0)
+
+    # ---------------------------------------------------------------- model & tokenizer
+    model_path, model_record = resolve_model(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_path, model_args.chat_template, trust_remote_code=training_args.trust_remote_code)
+    model = load_reward_model(model_path, model_args, new_head=True, trust_remote_code=training_args.trust_remote_code)
+    pad_action = ensure_pad_token(tokenizer, model)
+    lora = peft_config(model_args, "SEQ_CLS", modules_to_save=reward_head_names(model))
+
+    # ---------------------------------------------------------------- data
+    data = load_preferences(script_args.dataset_path, seed=training_args.seed,
+                            skip_invalid=script_args.skip_invalid_rows, split=script_args.dataset_split)
+    if script_args.eval_dataset_path:
+        eval_data = load_preferences(script_args.eval_dataset_path, seed=training_args.seed,
+                                     skip_invalid=script_args.skip_invalid_rows, split=script_args.dataset_split)
+        train_rows, eval_rows = data.rows, eval_data.rows
+    else:
+        train_rows, eval_rows = train_eval_split(data.rows, script_args.validation_split_percentage, training_args.seed)
+    if not train_rows:
+        raise UserError(f"{script_args.dataset_path[0]}: no usable training pairs")
+    source_index = None
+    if script_args.objective != "bt":
+        sources = sorted({row["source"] for row in train_rows})
+        source_index = {name: i for i, name in enumerate(sources)}
+        eval_rows = [row for row in eval_rows if row["source"] in source_index]
+    max_length = training_args.max_length
+    train_records, train_counts = tokenize_rows(train_rows, tokenizer, max_length, script_args.truncation, source_index)
+    eval_records, eval_counts = tokenize_rows(eval_rows, tokenizer, max_length, script_args.truncation, source_index)
+    logger.info("tokenised (max_length=%s, truncation=%s): train %s; eval %s",
+                max_length, script_args.truncation, train_counts, eval_counts)
+    if not train_records:
+        raise UserError(f"all {len(train_rows)} training pairs were dropped by --max_length {max_length}")
+    train_dataset = Dataset.from_list(train_records)
+    eval_dataset = Dataset.from_list(eval_records) if eval_records else None
+
+    # ---------------------------------------------------------------- train
+    trainer_cls, extra = RewardModelTrainer, {}
+    if script_args.objective != "bt":
+        from rlhfkit.more import trainer_class
+
+        trainer_cls = trainer_class(script_args.objective)
+        extra = {"alpha": script_args.alpha, "normalize": script_args.normalize, "source_names": list(source_index)}
+    trainer = trainer_cls(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=lora,
+        center_coefficient=training_args.center_rewards_coefficient or 0.0,
+        **extra,
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in train_result.metrics.items()}
+    if eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    stats_records = random.Random(training_args.seed).sample(
+        train_records, min(script_args.reward_stats_samples, len(train_records)))
+    trainer.eval_prefix = "reward_stats_"
+    stats = trainer.evaluate(eval_dataset=Dataset.from_list(stats_records), metric_key_prefix="reward_stats")
+    trainer.eval_prefix = "eval_"
+    reward_stats = {"mean": stats["reward_stats_reward_mean"], "std": stats["reward_stats_reward_std"],
+                    "pairs": len(stats_records)}
+    if not all(math.isfinite(v) for v in (reward_stats["mean"], reward_stats["std"])):
+        raise UserError("training diverged: non-finite rewards; lower --learning_rate")
+
+    # ---------------------------------------------------------------- save
+    save_final_model(trainer, output.staging, tokenizer, merge_lora=not model_args.save_adapter_only)
+    args = to_dict(script_args, model_args, training_args)
+    args["output_dir"] = final_dir
+    run_info = {
+        **parent_record(None, model_args.model_name_or_path, model_record),
+        "dataset": {"paths": script_args.dataset_path, "eval_paths": script_args.eval_dataset_path,
+                    "fingerprint": fingerprint(train_rows), "report": data.report,
+                    "tokenization": {"train": train_counts, "eval": eval_counts}},
+        "tokenizer": {"chat_template": tokenizer.init_kwargs.get("rlhfkit_chat_template_source"), "pad": pad_action},
+        "reward_stats": reward_stats,
+        "objective": script_args.objective,
+    }
+    if model_record.get("parent_stage") or model_record.get("resolved_path"):
+        run_info["parent"] = {"path": model_record.get("resolved_path", model_path), "stage": model_record.get("parent_stage")}
+    metrics["reward_stats"] = reward_stats
+    metrics["data"] = {"train": train_counts, "eval": eval_counts}
+    output.finalize(run_info, metrics, args)
+    return metrics
+
+
+if __name__ == "__main__":
+    from trl import RewardConfig
+
+    run_stage(main, (ScriptArguments, ModelArguments, RewardConfig))

@@ -1,0 +1,69 @@
+"""Shared test fixtures: tiny models built locally (never from the hub), a per-session cache, small data."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("RLHFKIT_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "rlhfkit-test-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir() -> Path:
+    from rlhfkit.builtin_models import materialize
+
+    return materialize("tiny-random-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir() -> Path:
+    from rlhfkit.builtin_models import materialize
+
+    return materialize("tiny-random-bert")
+
+
+POSITIVE = ["good", "great", "happy", "kind", "wonderful", "nice", "joy", "love", "bright", "warm"]
+NEGATIVE = ["bad", "terrible", "sad", "cruel", "awful", "mean", "hate", "dark", "cold", "rude"]
+TOPICS = ["the sea", "a lighthouse keeper", "the moon", "a river", "the city", "a friend", "a teacher", "a dog",
+          "a tree", "the mountain", "a bird", "a child", "the sun", "a ship", "a storm", "a doctor"]
+
+
+def sentiment_pairs(n: int, seed: int, topics: list[str] | None = None) -> list[dict]:
+    """A learnable preference: responses made of positive words beat responses made of negative words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(topics or TOPICS)
+        good = " ".join(rng.sample(POSITIVE, 3))
+        bad = " ".join(rng.sample(NEGATIVE, 3))
+        rows.append({
+            "prompt": [{"role": "user", "content": f"Tell me about {topic}."}],
+            "chosen": [{"role": "assistant", "content": f"{topic.capitalize()} is {good}."}],
+            "rejected": [{"role": "assistant", "content": f"{topic.capitalize()} is {bad}."}],
+        })
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture
+def sentiment_data(tmp_path):
+    # held-out pairs use topics never seen in training, so no held-out pair can be memorised
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_pairs(64, seed=1, topics=TOPICS[:10]))
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", sentiment_pairs(32, seed=2, topics=TOPICS[10:]))
+    return train, heldout
