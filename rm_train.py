@@ -41,7 +41,7 @@ class ScriptArguments:
     eval_dataset_path: list[str] = field(default=None, metadata={"help": "Separate held-out preference data."})
     dataset_split: str = field(default="train", metadata={"help": "Split to read from hub datasets / save_to_disk dirs."})
     validation_split_percentage: float = field(
-        default=0.0, metadata={"help": "Hold out this % of --dataset_path for evaluation (ignored with --eval_dataset_path)."}
+        default=0.0, metadata={"help": "Hold out this percentage of --dataset_path for evaluation (ignored with --eval_dataset_path)."}
     )
     truncation: str = field(
         default="left_prompt",
@@ -97,11 +97,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
     if not script_args.dataset_path:
         raise UserError("--dataset_path is required")
-    output = StageOutput(training_args.output_dir, stage="rm", overwrite=model_args.overwrite_output_dir,
-                         resume=training_args.resume_from_checkpoint not in (None, "", "false", "False"))
-    resume_from = output.resolve_resume(training_args.resume_from_checkpoint)
-    final_dir = training_args.output_dir
-    training_args.output_dir = str(output.checkpoints)
+    StageOutput.check_free(training_args.output_dir, model_args.overwrite_output_dir)
     setup_logging(training_args.process_index == 0)
 
     # ---------------------------------------------------------------- model & tokenizer
@@ -138,6 +134,12 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     eval_dataset = Dataset.from_list(eval_records) if eval_records else None
 
     # ---------------------------------------------------------------- train
+    # the staging dir appears only now, so bad input above leaves nothing behind
+    output = StageOutput(training_args.output_dir, stage="rm", overwrite=model_args.overwrite_output_dir,
+                         resume=training_args.resume_from_checkpoint not in (None, "", "false", "False"))
+    resume_from = output.resolve_resume(training_args.resume_from_checkpoint)
+    final_dir = training_args.output_dir
+    training_args.output_dir = str(output.checkpoints)
     trainer_cls, extra = RewardModelTrainer, {}
     if script_args.objective != "bt":
         from rlhfkit.more import trainer_class

@@ -156,18 +156,24 @@ class StageOutput:
     `overwrite`: replace a complete `output_dir`. `resume`: keep `output_dir.partial` and its checkpoints.
     """
 
+    @staticmethod
+    def check_free(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
+        """Fail early (before loading models or data) if `output_dir` holds a run and overwriting was not asked."""
+        final = Path(str(output_dir).rstrip("/"))
+        if final.exists() and not overwrite:
+            info = read_run_info(final)
+            state = "a complete" if info and info.get("complete") else "an existing"
+            raise UserError(
+                f"{final}: output dir already holds {state} run; pass --overwrite_output_dir true "
+                f"or choose another --output_dir"
+            )
+
     def __init__(self, output_dir: str | os.PathLike, stage: str, overwrite: bool = False, resume: bool = False):
         self.final = Path(str(output_dir).rstrip("/"))
         self.stage = stage
         self.staging = Path(str(self.final) + PARTIAL_SUFFIX)
         self.checkpoints = self.staging / CHECKPOINTS_SUBDIR
-        if self.final.exists() and not overwrite:
-            info = read_run_info(self.final)
-            state = "a complete" if info and info.get("complete") else "an existing"
-            raise UserError(
-                f"{self.final}: output dir already holds {state} run; pass --overwrite_output_dir true "
-                f"or choose another --output_dir"
-            )
+        self.check_free(self.final, overwrite)
         if _is_main_process():
             if self.staging.exists() and not resume:
                 if self.last_checkpoint() is not None and not overwrite:

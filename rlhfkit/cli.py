@@ -24,9 +24,15 @@ logger = logging.getLogger("rlhfkit")
 
 
 def _parser(dataclass_types: Sequence[type]):
+    import argparse
+
     from transformers import HfArgumentParser
 
-    return HfArgumentParser(list(dataclass_types))
+    main_module = sys.modules.get("__main__")
+    description = getattr(main_module, "__doc__", None)  # the stage script's docstring heads its --help
+    return HfArgumentParser(list(dataclass_types), description=description,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)  # a prefix like --learning_rat must not pass as --learning_rate
 
 
 def _known_keys(parser) -> set[str]:
@@ -67,6 +73,16 @@ def _yaml_to_argv(path: str, known: set[str]) -> list[str]:
     return argv
 
 
+def _machine_defaults(known: set[str], argv: list[str]) -> list[str]:
+    """TRL's configs default to bf16=True, which HF refuses on a machine without a GPU; there fp32 is the right
+    default, so a CPU-only machine runs without extra flags. An explicit --bf16 always wins."""
+    if "bf16" not in known or "--bf16" in argv:
+        return []
+    import torch
+
+    return [] if torch.cuda.is_available() else ["--bf16", "false"]
+
+
 def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
     """Parse `argv` (default: `sys.argv[1:]`) into one instance per dataclass type.
 
@@ -82,9 +98,10 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
             raise UserError("--config needs a YAML file path")
         config_argv = _yaml_to_argv(argv[index + 1], known)
         argv = argv[:index] + argv[index + 2 :]
+    defaults = _machine_defaults(known, config_argv + argv)
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(
-            args=config_argv + argv, return_remaining_strings=True
+            args=defaults + config_argv + argv, return_remaining_strings=True
         )
     except (ValueError, TypeError) as exc:  # raised by dataclass __post_init__ validation
         raise UserError(str(exc)) from None
@@ -138,6 +155,10 @@ def require_cuda(feature: str) -> None:
 def run_stage(main: Callable[..., Any], dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> None:
     """Entry point of every stage script: parse, run `main(*parsed)`, turn `UserError` into one line + exit 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    # transformers 5 warns on every run that TRL's configs still carry `gradient_checkpointing`; it is not actionable
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
     try:
         parsed = parse_args(dataclass_types, argv)
         main(*parsed)

@@ -103,7 +103,12 @@ def read_records(path: str | os.PathLike, split: str = "train") -> list[dict]:
                     raise UserError(f"{path}: split '{split}' not found (has {sorted(dataset.keys())})")
                 dataset = dataset[split]
             return [dict(row) for row in dataset]
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(_SUPPORTED))
+        suffixes = _SUPPORTED
+        if (path / "run_info.json").exists():  # a stage's output dir: its .json files are metadata, not rows
+            suffixes = tuple(s for s in _SUPPORTED if not s.startswith(".json."))
+            suffixes = tuple(s for s in suffixes if s != ".json")
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes)
+                       and not p.name.startswith("."))
         if not files:
             raise UserError(f"{path}: directory has no {', '.join(_SUPPORTED)} files")
         rows: list[dict] = []
