@@ -1,0 +1,249 @@
+"""Build a reward-model preference dataset from public sources: the named RLHFlow mixtures or any set of sources.
+
+    python prepare_data.py --recipe mixture1 --source_dir data/raw --output_dir data/mixture1
+    python prepare_data.py --recipe mixture2 --decontaminate_against data/rewardbench.jsonl --output_dir data/m2
+    python prepare_data.py --shp_path shp/ --shp_max_pairs_per_prompt 3 --output_dir data/shp3
+
+Features
+  - one pure converter per source (rlhfkit/recipes.py), from the columns on its dataset card to canonical pairs
+    {"prompt", "chosen", "rejected", "source", "subset", "id"} (docs/internals.md);
+  - the selection rules as flags: SHP score-ratio threshold and per-post cap, best-vs-random or all pairs for
+    UltraFeedback/HelpSteer, tie handling, PKU safer/better/agree, PKU subsample size;
+  - `--recipe mixture1..mixture4`: the four published mixtures; explicit flags override a recipe's values;
+  - `--decontaminate_against FILE`: drops pairs whose prompt shares an n-gram of `--decontamination_ngram`
+    words with an evaluation prompt (RewardBench rows or our schema);
+  - `--export_lmflow true`: also writes the pairs as LMFlow {"instances": [{"positive", "negative"}]}.
+
+Assumptions
+  - Each source is read from `--<source>_path` (file or directory with the hub's column names), else from
+    `--source_dir/<source>` (directory, .jsonl, .jsonl.gz, .json or .parquet), else from the hub with
+    `datasets.load_dataset`; offline the last one fails with a one-line error asking for a local copy.
+  - Output is deterministic given `--seed`: same inputs and flags give byte-identical pairs.jsonl and manifest.json.
+
+Writes OUTPUT_DIR/ (renamed into place from OUTPUT_DIR.partial/ when complete):
+  pairs.jsonl      the dataset, sources in recipe order, rows in source order
+  manifest.json    per source: input rows, rows dropped by each rule, candidate pairs, pairs dropped by each rule,
+                   kept, and the published count to compare with; the final count; the decontamination report
+  pairs.lmflow.json (with --export_lmflow), metrics.json, args.yaml, run_info.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+from rlhfkit.checkpoints import StageOutput, write_json_atomic
+from rlhfkit.cli import run_stage, setup_logging, to_dict
+from rlhfkit.data import write_jsonl_atomic
+from rlhfkit.errors import UserError
+from rlhfkit.recipes import (
+    RECIPES,
+    SOURCES,
+    Decontaminator,
+    SelectionOptions,
+    build_source,
+    find_local_copy,
+    load_eval_prompts,
+    load_hub,
+    read_local,
+    resolve_options,
+)
+
+logger = logging.getLogger("prepare_data")
+
+PAIRS_FILE = "pairs.jsonl"
+MANIFEST_FILE = "manifest.json"
+LMFLOW_FILE = "pairs.lmflow.json"
+
+
+def _path_field(key: str):
+    hub = SOURCES[key].hub_name
+    where_from = f"hub copy: {hub}" if hub else "no hub copy"
+    return field(default=None, metadata={"help": f"Local copy of {key} (files or dirs, same columns as the {where_from})."})
+
+
+@dataclass
+class ScriptArguments:
+    output_dir: str = field(default=None, metadata={"help": "Directory to write pairs.jsonl and manifest.json into."})
+    recipe: str | None = field(default=None, metadata={"help": f"Named mixture: {', '.join(RECIPES)}."})
+    sources: list[str] | None = field(
+        default=None, metadata={"help": f"Sources to build (default: the recipe's, else those given a path). "
+                                        f"Names: {', '.join(SOURCES)}."})
+    source_dir: str | None = field(
+        default=None, metadata={"help": "Directory holding local copies named by source: <dir>/shp/, <dir>/shp.jsonl, ..."})
+    split: str = field(default="train", metadata={"help": "Split to read (hub split; local files named <split>*)."})
+    hh_rlhf_path: list[str] | None = _path_field("hh_rlhf")
+    shp_path: list[str] | None = _path_field("shp")
+    ultrafeedback_path: list[str] | None = _path_field("ultrafeedback")
+    helpsteer_path: list[str] | None = _path_field("helpsteer")
+    capybara_path: list[str] | None = _path_field("capybara")
+    orca_path: list[str] | None = _path_field("orca")
+    pku_saferlhf_30k_path: list[str] | None = _path_field("pku_saferlhf_30k")
+    pku_saferlhf_path: list[str] | None = _path_field("pku_saferlhf")
+    lmflow_path: list[str] | None = _path_field("lmflow")
+    # selection rules: None means "the recipe's value, else the default in rlhfkit.recipes.SelectionOptions"
+    hh_rlhf_subsets: list[str] | None = field(
+        default=None, metadata={"help": "HH-RLHF subsets (default: helpful-base helpful-online helpful-rejection-sampled)."})
+    shp_min_score_ratio: float | None = field(
+        default=None, metadata={"help": "SHP: keep comparisons with score_ratio strictly above this (default 2)."})
+    shp_max_pairs_per_prompt: int | None = field(
+        default=None, metadata={"help": "SHP: at most this many comparisons per post (mixture1: 1, mixture2-4: 5)."})
+    shp_select: str | None = field(
+        default=None, metadata={"help": "SHP cap picks: random (seeded, default) | max_ratio | first."})
+    ultrafeedback_score: str | None = field(
+        default=None, metadata={"help": "UltraFeedback ranking: fine_grained (mean of 4 aspect ratings, default) | overall."})
+    ultrafeedback_pairing: str | None = field(
+        default=None, metadata={"help": "best_vs_random (mixture1) | all_pairs (mixture2-4)."})
+    helpsteer_attributes: list[str] | None = field(
+        default=None, metadata={"help": "HelpSteer ranking: mean of these attributes (default helpfulness correctness)."})
+    helpsteer_pairing: str | None = field(
+        default=None, metadata={"help": "best_vs_random (mixture1) | all_pairs (mixture2-4)."})
+    ties: str | None = field(
+        default=None, metadata={"help": "Equal-score pairs: drop (default) | keep | resample (best_vs_random redraws "
+                                        "among strictly worse responses)."})
+    pku_preference: str | None = field(
+        default=None, metadata={"help": "PKU-SafeRLHF chosen response: safer (default) | better | agree (only rows "
+                                        "where both labels pick it)."})
+    pku_max_pairs: int | None = field(
+        default=None, metadata={"help": "PKU-SafeRLHF: seeded sample of at most this many pairs (mixture4: 150000)."})
+    seed: int = field(default=42, metadata={"help": "Seed of every random choice (draws, caps, subsamples)."})
+    decontaminate_against: list[str] | None = field(
+        default=None, metadata={"help": "Evaluation files (rows with a 'prompt' field, e.g. RewardBench) to "
+                                        "decontaminate against."})
+    decontamination_ngram: int = field(
+        default=13, metadata={"help": "Words in a shared n-gram that marks a training prompt as contaminated."})
+    export_lmflow: bool = field(default=False, metadata={"help": "Also write pairs.lmflow.json (LMFlow paired format)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a complete --output_dir."})
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ValueError("--output_dir is required")
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, not '{self.recipe}'")
+        for name in self.sources or []:
+            if name not in SOURCES:
+                raise ValueError(f"--sources: unknown source '{name}' (known: {', '.join(SOURCES)})")
+        if self.decontamination_ngram < 1:
+            raise ValueError("--decontamination_ngram must be >= 1")
+
+    def selection_overrides(self) -> dict:
+        names = {f.name for f in dataclasses.fields(SelectionOptions)}
+        return {name: getattr(self, name) for name in names}
+
+
+def _sources_to_build(args: ScriptArguments) -> list[str]:
+    if args.sources:
+        return list(dict.fromkeys(args.sources))
+    if args.recipe:
+        return list(RECIPES[args.recipe].sources)
+    given = [key for key in SOURCES if getattr(args, f"{key}_path")]
+    if not given:
+        raise UserError("nothing to build: pass --recipe, --sources, or at least one --<source>_path")
+    return given
+
+
+def _read_source(key: str, args: ScriptArguments, options: SelectionOptions):
+    paths = getattr(args, f"{key}_path")
+    if not paths:
+        local = find_local_copy(args.source_dir, key)
+        paths = [local] if local else None
+    if paths:
+        return read_local(key, paths, args.split, options)
+    return load_hub(key, args.split, options)
+
+
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def main(script_args: ScriptArguments) -> dict:
+    """Build the dataset; returns the manifest (also written to OUTPUT_DIR/manifest.json)."""
+    # ---- setup ----
+    setup_logging()
+    options = resolve_options(script_args.recipe, script_args.selection_overrides())
+    keys = _sources_to_build(script_args)
+    recipe = RECIPES.get(script_args.recipe) if script_args.recipe else None
+    decontaminator = None
+    if script_args.decontaminate_against:
+        eval_prompts = []
+        for path in script_args.decontaminate_against:
+            eval_prompts += load_eval_prompts(path)
+        decontaminator = Decontaminator(eval_prompts, script_args.decontamination_ngram)
+    if os.path.exists(script_args.output_dir) and not script_args.overwrite_output_dir:
+        # Fail before reading hundreds of thousands of rows, not after (StageOutput would refuse it at save).
+        raise UserError(f"{script_args.output_dir}: output dir already exists; pass --overwrite_output_dir true "
+                        f"or choose another --output_dir")
+
+    # ---- data ----
+    all_rows: list[dict] = []
+    reports = {}
+    for key in keys:
+        records, origin = _read_source(key, script_args, options)
+        pairs, report = build_source(key, records, options, script_args.seed, decontaminator)
+        report.origin = origin
+        if recipe is not None and key in recipe.published_counts:
+            report.published_count = recipe.published_counts[key]
+        report.check()
+        reports[SOURCES[key].label] = report.to_dict()
+        all_rows += [pair.to_row() for pair in pairs]
+        del records, pairs  # the raw rows of a large source are not needed any more
+        logger.info("%s: %d rows read, %d pairs kept (dropped: rows %s, pairs %s)", key, report.input_rows,
+                    report.kept, report.dropped_rows or "{}", {k: v for k, v in report.dropped_pairs.items() if v})
+
+    manifest = {
+        "recipe": script_args.recipe,
+        "recipe_description": recipe.description if recipe else None,
+        "seed": script_args.seed,
+        "split": script_args.split,
+        "options": dataclasses.asdict(options),
+        "sources": reports,
+        "decontamination": None,
+        "final_count": len(all_rows),
+        "counting": "per source: input_rows = rows_converted + sum(dropped_rows); candidate_pairs = kept + "
+                    "sum(dropped_pairs); final_count = sum(kept). published_count is the RLHFlow README's figure "
+                    "for the full public dataset.",
+        "files": {"pairs": PAIRS_FILE},
+    }
+    if decontaminator is not None:
+        dropped = {label: entry["dropped_pairs"].get("decontaminated", 0) for label, entry in reports.items()}
+        manifest["decontamination"] = {
+            "against": list(script_args.decontaminate_against),
+            "ngram": decontaminator.n,
+            "eval_prompts": decontaminator.eval_prompts,
+            "eval_prompts_too_short": decontaminator.eval_prompts_too_short,
+            "eval_ngrams": len(decontaminator.grams),
+            "dropped_per_source": dropped,
+            "dropped_total": sum(dropped.values()),
+        }
+        logger.info("decontamination: dropped %d pairs sharing a %d-gram with %d evaluation prompts",
+                    sum(dropped.values()), decontaminator.n, decontaminator.eval_prompts)
+    if not all_rows:
+        raise UserError("no pairs left after the selection rules; see the counts above")
+
+    # ---- save ----
+    output = StageOutput(script_args.output_dir, stage="prepare_data", overwrite=script_args.overwrite_output_dir)
+    staging = output.staging
+    write_jsonl_atomic(staging / PAIRS_FILE, all_rows)
+    if script_args.export_lmflow:
+        from rlhfkit.lmflow import export_pairs
+
+        export_pairs(all_rows, staging / LMFLOW_FILE)
+        manifest["files"]["lmflow"] = LMFLOW_FILE
+    write_json_atomic(staging / MANIFEST_FILE, manifest)
+    metrics = {"final_count": len(all_rows), **{f"kept/{label}": entry["kept"] for label, entry in reports.items()}}
+    run_info = {"dataset": {"path": os.path.abspath(str(output.final / PAIRS_FILE)),
+                            "sha256": _sha256(staging / PAIRS_FILE), "rows": len(all_rows)}}
+    output.finalize(run_info, metrics, to_dict(script_args))
+    logger.info("wrote %d pairs to %s", len(all_rows), output.final / PAIRS_FILE)
+    return manifest
+
+
+if __name__ == "__main__":
+    run_stage(main, (ScriptArguments,))
