@@ -75,7 +75,8 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int | None, truncatio
             counts[f"dropped_{pair.dropped}"] = counts.get(f"dropped_{pair.dropped}", 0) + 1
             continue
         counts["truncated"] += int(pair.truncated)
-        record = {"chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids}
+        record = {"chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids,
+                  "length": max(len(pair.chosen_ids), len(pair.rejected_ids))}
         if has_margin:
             record["margin"] = float(row.get("margin", 0.0))
         if source_index is not None:

@@ -74,13 +74,19 @@ def _yaml_to_argv(path: str, known: set[str]) -> list[str]:
 
 
 def _machine_defaults(known: set[str], argv: list[str]) -> list[str]:
-    """TRL's configs default to bf16=True, which HF refuses on a machine without a GPU; there fp32 is the right
-    default, so a CPU-only machine runs without extra flags. An explicit --bf16 always wins."""
-    if "bf16" not in known or "--bf16" in argv:
-        return []
+    """CPU-only machines run without extra flags: TRL's configs default to bf16=True, which HF refuses without a
+    GPU, so fp32 is the default there, and `use_cpu` is set. Explicit flags always win."""
     import torch
 
-    return [] if torch.cuda.is_available() else ["--bf16", "false"]
+    if torch.cuda.is_available():
+        return []
+    defaults = []
+    if "bf16" in known and "--bf16" not in argv:
+        defaults += ["--bf16", "false"]
+    if "use_cpu" in known and "--use_cpu" not in argv:
+        # without it HF sizes DeepSpeed's global batch for one process while the launcher started several
+        defaults += ["--use_cpu", "true"]
+    return defaults
 
 
 def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
@@ -134,8 +140,10 @@ def to_dict(*instances) -> dict[str, Any]:
 def setup_logging(main_process: bool = True) -> None:
     level = logging.INFO if main_process else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
-    for noisy in ("transformers.modeling_utils", "datasets", "httpx", "deepspeed"):
+    for noisy in ("datasets", "httpx", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # load reports ("layers were not sharded", "score.weight MISSING" for a new reward head) are expected here
+    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
 
 
 def require(module: str, feature: str, extra: str | None = None) -> None:

@@ -176,7 +176,7 @@ def parse_hh_dialogue(text: str, field_name: str = "text") -> list[dict]:
     return messages
 
 
-def _messages(value: Any, field_name: str, default_role: str) -> list[dict]:
+def as_messages(value: Any, field_name: str, default_role: str) -> list[dict]:
     """A message list from a string (one turn of `default_role`) or a list of {role, content} dicts."""
     if isinstance(value, str):
         return [{"role": default_role, "content": value}]
@@ -217,7 +217,7 @@ def detect_format(row: dict) -> str:
                                f"found fields {sorted(k for k in keys if not k.startswith('_'))})")
 
 
-def _validate_turns(messages: list[dict], field_name: str, kind: str) -> None:
+def validate_turns(messages: list[dict], field_name: str, kind: str) -> None:
     if not messages:
         raise RowError(field_name, "is empty")
     expected = "user" if kind == "prompt" else "assistant"
@@ -258,21 +258,21 @@ def to_canonical(row: dict, fmt: str | None = None) -> dict:
         full_rejected = parse_hh_dialogue(row["rejected"], "rejected")
         prompt, chosen, rejected = split_shared_prompt(full_chosen, full_rejected)
     elif fmt == "pair_messages":
-        full_chosen = _messages(row["chosen"], "chosen", "assistant")
-        full_rejected = _messages(row["rejected"], "rejected", "assistant")
+        full_chosen = as_messages(row["chosen"], "chosen", "assistant")
+        full_rejected = as_messages(row["rejected"], "rejected", "assistant")
         prompt, chosen, rejected = split_shared_prompt(full_chosen, full_rejected)
     elif fmt == "explicit":
-        prompt = _messages(row["prompt"], "prompt", "user")
-        chosen = _messages(row["chosen"], "chosen", "assistant")
-        rejected = _messages(row["rejected"], "rejected", "assistant")
+        prompt = as_messages(row["prompt"], "prompt", "user")
+        chosen = as_messages(row["chosen"], "chosen", "assistant")
+        rejected = as_messages(row["rejected"], "rejected", "assistant")
         # TRL-style rows sometimes repeat the prompt inside chosen/rejected: strip it
         if chosen[: len(prompt)] == prompt and rejected[: len(prompt)] == prompt and len(chosen) > len(prompt):
             chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
     else:
         raise RowError("format", f"unknown format '{fmt}'")
-    _validate_turns(prompt, "prompt", "prompt")
-    _validate_turns(chosen, "chosen" if fmt != "lmflow" else "positive", "response")
-    _validate_turns(rejected, "rejected" if fmt != "lmflow" else "negative", "response")
+    validate_turns(prompt, "prompt", "prompt")
+    validate_turns(chosen, "chosen" if fmt != "lmflow" else "positive", "response")
+    validate_turns(rejected, "rejected" if fmt != "lmflow" else "negative", "response")
     out: dict[str, Any] = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     if row.get("margin") is not None:
         margin = row["margin"]

@@ -45,7 +45,8 @@ class RewardModelTrainer(RewardTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "source_index"]
+            # `length` feeds `--train_sampling_strategy group_by_length` (batches of similar length, less padding)
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "source_index", "length"]
 
     # -- the pairwise forward -----------------------------------------------------------------------------------
     def pairwise_rewards(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:

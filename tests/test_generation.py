@@ -1,0 +1,280 @@
+"""generation/: HF backend for real (reproducible, sharded == unsharded, resume after a kill), vLLM against a
+stand-in module with vLLM's interface, merge_data.py checks."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+
+from generation import generate, merge_data, shards, vllm_backend
+from rlhfkit.errors import UserError
+from rlhfkit.sampling import derive_seed
+
+PROMPTS = [
+    {"prompt": "tell me a story about the sea"},
+    {"question": "why is the sky blue and the sun bright?"},
+    {"prompt": [{"role": "user", "content": "hi"}]},
+    {"instruction": "write a poem", "input": "about a cat and a dog"},
+    {"prompt": "list three colours"},
+]
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in PROMPTS), encoding="utf-8")
+    return str(path)
+
+
+def args_for(prompt_file, output_dir, **overrides):
+    values = dict(model_name_or_path="tiny-random-llama", dataset_path=[prompt_file], output_dir=str(output_dir),
+                  num_samples=2, max_new_tokens=6, temperature=1.0, top_p=0.95, seed=11, backend="hf", batch_size=2)
+    values.update(overrides)
+    return generate.ScriptArguments(**values)
+
+
+def read(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+@pytest.fixture
+def unsharded(prompt_file, tmp_path):
+    metrics = generate.main(args_for(prompt_file, tmp_path / "full"))
+    return read(tmp_path / "full" / "generations.jsonl"), metrics
+
+
+def test_hf_output_rows_and_stage_contract(unsharded, tmp_path):
+    rows, metrics = unsharded
+    out = tmp_path / "full"
+    assert len(rows) == len(PROMPTS) and all(len(r["responses"]) == 2 for r in rows)
+    assert rows[0]["prompt"] == [{"role": "user", "content": "tell me a story about the sea"}]
+    meta = rows[0]["meta"]
+    assert {k: meta[k] for k in ("model", "backend", "num_samples", "temperature", "top_p", "max_new_tokens", "seed")} == {
+        "model": "tiny-random-llama", "backend": "hf", "num_samples": 2, "temperature": 1.0, "top_p": 0.95,
+        "max_new_tokens": 6, "seed": 11}
+    assert meta["prompt_seed"] == derive_seed(11, rows[0]["id"])
+    assert metrics["prompts"] == 5 and metrics["samples"] == 10 and metrics["tokens_per_second"] > 0
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["complete"] and info["stage"] == "generate"
+    assert sorted(p.name for p in out.iterdir()) == ["args.yaml", "generations.jsonl", "metrics.json", "run_info.json"]
+    assert not (tmp_path / "full.partial").exists()
+
+
+def test_reproducible_with_fixed_seed_and_other_batch_size(unsharded, prompt_file, tmp_path):
+    rows, _ = unsharded
+    generate.main(args_for(prompt_file, tmp_path / "again", batch_size=5))
+    assert read(tmp_path / "again" / "generations.jsonl") == rows
+    generate.main(args_for(prompt_file, tmp_path / "other_seed", seed=12))
+    assert [r["responses"] for r in read(tmp_path / "other_seed" / "generations.jsonl")] != [r["responses"] for r in rows]
+
+
+def test_sharded_then_merged_equals_unsharded(unsharded, prompt_file, tmp_path):
+    rows, _ = unsharded
+    out = tmp_path / "sharded"
+    assert generate.main(args_for(prompt_file, out, local_index=1, world_size=2, batch_size=1)) is None
+    with pytest.raises(UserError, match="shard 0 of 2 has not started"):
+        merge_data.main(merge_data.ScriptArguments(output_dir=str(out), world_size=2))
+    generate.main(args_for(prompt_file, out, local_index=0, world_size=2, batch_size=3))
+    metrics = merge_data.main(merge_data.ScriptArguments(output_dir=str(out), world_size=2, dataset_path=[prompt_file]))
+    merged = read(out / "generations.jsonl")
+    assert merged == rows  # same prompts, same order, same samples: no duplicates, no gaps
+    assert metrics["prompts"] == 5 and metrics["shards"] == 2
+
+
+def test_killed_run_resumes_without_losing_or_repeating(unsharded, prompt_file, tmp_path, monkeypatch):
+    rows, _ = unsharded
+    out = tmp_path / "resumed"
+    import rlhfkit.sampling as sampling  # main() imports generate_batch from here at call time
+
+    real = sampling.generate_batch
+    calls = []
+
+    def dies_on_second_batch(model, tokenizer, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate_batch", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate.main(args_for(prompt_file, out))
+    shard_file = tmp_path / "resumed.partial" / "shard-00000-of-00001.jsonl"
+    assert len(read(shard_file)) == 2 and not (tmp_path / "resumed").exists()
+    with open(shard_file, "a", encoding="utf-8") as handle:  # a write torn by the kill
+        handle.write('{"id": "torn", "prompt": [{"role": "us')
+
+    generated = []
+
+    def counting(model, tokenizer, prompts, *args, **kwargs):
+        generated.extend(p[0]["content"] for p in prompts)
+        return real(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate_batch", counting)
+    generate.main(args_for(prompt_file, out))
+    assert len(generated) == 3  # only the prompts the killed run had not written
+    assert read(out / "generations.jsonl") == rows
+
+
+def test_resume_refuses_other_settings(prompt_file, tmp_path, monkeypatch):
+    out = tmp_path / "g"
+    partial = tmp_path / "g.partial"
+    partial.mkdir()
+    row = {"id": "x", "prompt": [], "responses": [], "meta": {"model": "tiny-random-llama", "backend": "hf",
+           "num_samples": 2, "temperature": 0.5, "top_p": 0.95, "max_new_tokens": 6, "seed": 11}}
+    (partial / "shard-00000-of-00001.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(UserError, match=r"row 1: field 'meta.temperature': written with 0.5"):
+        generate.main(args_for(prompt_file, out))
+
+
+def test_merge_detects_duplicates_and_gaps(unsharded, prompt_file, tmp_path):
+    out = tmp_path / "dup"
+    generate.main(args_for(prompt_file, out, local_index=0, world_size=2))
+    generate.main(args_for(prompt_file, out, local_index=1, world_size=2))
+    shard = tmp_path / "dup.partial" / "shard-00001-of-00002.jsonl"
+    lines = shard.read_text().splitlines(keepends=True)
+    shard.write_text("".join(lines + lines[:1]))
+    with pytest.raises(UserError, match="written twice"):
+        merge_data.main(merge_data.ScriptArguments(output_dir=str(out), world_size=2))
+    shard.write_text("".join(lines[1:]))
+    with pytest.raises(UserError, match="1 assigned prompt"):
+        merge_data.main(merge_data.ScriptArguments(output_dir=str(out), world_size=2))
+    shard.write_text("".join(lines))
+    done_file = tmp_path / "dup.partial" / "shard-00001-of-00002.done.json"
+    done = json.loads(done_file.read_text())
+    done_file.write_text(json.dumps({**done, "meta": {**done["meta"], "temperature": 0.3}}))
+    with pytest.raises(UserError, match=r"shard 1 was generated with other settings than shard 0 \(temperature\)"):
+        merge_data.main(merge_data.ScriptArguments(output_dir=str(out), world_size=2))
+    done_file.write_text(json.dumps(done))
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS[:4]))
+    with pytest.raises(UserError, match="not in the prompt set"):
+        merge_data.main(merge_data.ScriptArguments(output_dir=str(out), world_size=2, dataset_path=[str(fewer)]))
+
+
+def test_bad_prompt_row_is_one_line_error(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": [{"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(UserError, match=r"bad\.jsonl: row 2: field 'prompt'"):
+        generate.main(args_for(str(bad), tmp_path / "o"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vLLM, against a stand-in module with its interface (no GPU here)
+# ---------------------------------------------------------------------------------------------------------------
+class FakeVLLM:
+    """The parts of vLLM generate.py uses: LLM(...), SamplingParams(...), LLM.generate -> RequestOutput-likes."""
+
+    def __init__(self):
+        self.module = types.ModuleType("vllm")
+        self.engines, self.destroyed = [], []
+        fake = self
+
+        class SamplingParams:
+            def __init__(self, **kwargs):
+                self.kwargs = kwargs
+
+        class LLM:
+            def __init__(self, **kwargs):
+                self.kwargs, self.calls = kwargs, []
+                fake.engines.append(self)
+
+            def generate(self, prompts, sampling_params, use_tqdm=True):
+                self.calls.append((prompts, sampling_params))
+                outputs = []
+                for prompt, params in zip(prompts, sampling_params):
+                    n, seed = params.kwargs["n"], params.kwargs["seed"]
+                    completions = [  # returned out of order on purpose: vLLM gives no order guarantee
+                        types.SimpleNamespace(index=j, text=f"s{seed % 1000}-{j}", token_ids=[7] * (j + 1),
+                                              finish_reason="stop" if j % 2 == 0 else "length")
+                        for j in reversed(range(n))
+                    ]
+                    outputs.append(types.SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"], outputs=completions))
+                return outputs
+
+        self.module.LLM, self.module.SamplingParams = LLM, SamplingParams
+        parallel_state = types.ModuleType("vllm.distributed.parallel_state")
+        parallel_state.destroy_model_parallel = lambda: self.destroyed.append("model_parallel")
+        parallel_state.destroy_distributed_environment = lambda: self.destroyed.append("distributed")
+        distributed = types.ModuleType("vllm.distributed")
+        distributed.parallel_state = parallel_state
+        self.submodules = {"vllm.distributed": distributed, "vllm.distributed.parallel_state": parallel_state}
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    fake = FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    for name, module in fake.submodules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(vllm_backend, "cuda_available", lambda: True)
+    return fake
+
+
+def test_vllm_backend_with_stand_in(fake_vllm, prompt_file, tmp_path, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    from rlhfkit.prompts import load_prompts
+    from rlhfkit.sampling import render_generation_prompt
+
+    out = tmp_path / "vllm"
+    metrics = generate.main(args_for(prompt_file, out, backend="auto", batch_size=None, num_samples=3,
+                                     tensor_parallel_size=2))
+    (engine,) = fake_vllm.engines
+    assert engine.kwargs["tensor_parallel_size"] == 2 and engine.kwargs["seed"] == 11
+    assert engine.kwargs["model"] == str(tiny_llama_dir)
+    (prompts_sent, params), = engine.calls  # one call: all 5 prompts fit the default vLLM batch
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompts = load_prompts(prompt_file)
+    by_tokens = {tuple(render_generation_prompt(tokenizer, p["prompt"])): p for p in prompts}
+    for request, param in zip(prompts_sent, params):
+        prompt = by_tokens[tuple(request["prompt_token_ids"])]  # our rendering, token for token
+        assert param.kwargs["n"] == 3 and param.kwargs["seed"] == derive_seed(11, prompt["id"])
+        assert param.kwargs["temperature"] == 1.0 and param.kwargs["top_p"] == 0.95 and param.kwargs["max_tokens"] == 6
+        assert tokenizer.eos_token_id in param.kwargs["stop_token_ids"]
+    rows = read(out / "generations.jsonl")
+    assert [r["id"] for r in rows] == [p["id"] for p in prompts]
+    for row in rows:
+        seed = derive_seed(11, row["id"]) % 1000
+        assert row["responses"] == [f"s{seed}-0", f"s{seed}-1", f"s{seed}-2"]
+        assert row["meta"]["backend"] == "vllm" and row["meta"]["finished"] == [True, False, True]
+        assert row["meta"]["response_tokens"] == [1, 2, 3]
+    assert fake_vllm.destroyed == ["model_parallel", "distributed"]  # GPU memory released at the end
+    assert engine.kwargs and metrics["samples"] == 15
+
+
+def test_vllm_explicit_without_gpu_is_one_line_error(fake_vllm, prompt_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(vllm_backend, "cuda_available", lambda: False)
+    with pytest.raises(UserError, match="--backend vllm needs a CUDA GPU"):
+        generate.main(args_for(prompt_file, tmp_path / "v", backend="vllm"))
+    assert not vllm_backend.usable()  # so --backend auto takes the HF path
+
+
+def test_read_rows_torn_tail(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b'{"id": "a"}\n{"id": "b"}\n{"id": "c", "pro')
+    rows, good = shards.read_rows(path, allow_torn_tail=True)
+    assert [r["id"] for r in rows] == ["a", "b"] and good == len(b'{"id": "a"}\n{"id": "b"}\n')
+    with pytest.raises(UserError, match="row 3"):
+        shards.read_rows(path)
+    path.write_bytes(b'{"id": "a"}\nnot json\n{"id": "c"}\n')
+    with pytest.raises(UserError, match="row 2: damaged"):
+        shards.read_rows(path, allow_torn_tail=True)
+
+
+def test_cli_help_and_one_line_error(tmp_path):
+    import subprocess
+
+    script = str(generate.__file__)
+    usage = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 0 and "--num_samples" in usage.stdout and "--world_size" in usage.stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"messages": 5}\n')
+    run = subprocess.run([sys.executable, script, "--model_name_or_path", "tiny-random-llama", "--dataset_path",
+                          str(bad), "--output_dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {bad}: row 2: field 'messages': expected a string or a list of messages, got int"]
+    assert "Traceback" not in run.stderr

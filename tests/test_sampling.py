@@ -1,0 +1,156 @@
+"""rlhfkit.sampling: stop tokens, left padding, nucleus filter, inverse-CDF draws, seeded batched generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhfkit.sampling import (
+    build_prompt_batch,
+    derive_seed,
+    filter_top_p,
+    generate_batch,
+    render_generation_prompt,
+    sample_inverse_cdf,
+    stop_token_ids,
+    truncate_at_stop,
+)
+
+PROMPTS = [
+    [{"role": "user", "content": "tell me a long story about the sea and a lighthouse keeper"}],
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "be kind"}, {"role": "user", "content": "write a poem about a cat"}],
+]
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+def test_stop_tokens_of_chatml_are_eos_only(policy):
+    model, tokenizer = policy
+    assert tokenizer.eos_token == "<|im_end|>"
+    # <|im_end|> is both EOS and the template's end of turn; BOS (<|endoftext|> here) must not stop generation
+    assert stop_token_ids(tokenizer, model) == [tokenizer.eos_token_id]
+
+
+def test_stop_tokens_include_template_end_of_turn_distinct_from_eos():
+    from rlhfkit.builtin_models import train_tiny_tokenizer
+
+    tokenizer = train_tiny_tokenizer(vocab_size=300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|eot_id|>", "<|start_header_id|>"]})
+    tokenizer.eos_token = "<|endoftext|>"  # like Llama-3 base: EOS is not what ends an assistant turn
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant\n{% endif %}"
+    )
+    ids = stop_token_ids(tokenizer)
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert tokenizer.convert_tokens_to_ids("<|eot_id|>") in ids
+    assert tokenizer.convert_tokens_to_ids("<|start_header_id|>") not in ids
+
+
+def test_build_prompt_batch_left_pads():
+    batch = build_prompt_batch([[5, 6, 7], [9]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_render_generation_prompt_ends_with_assistant_header(policy):
+    _, tokenizer = policy
+    ids = render_generation_prompt(tokenizer, PROMPTS[1])
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+    assert ids.count(tokenizer.bos_token_id) <= 1
+
+
+def test_filter_top_p_hand_computed():
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    # sorted: 0.5, 0.3, 0.15, 0.05; mass before each: 0, 0.5, 0.8, 0.95
+    assert filter_top_p(probs, 0.7)[0].tolist() == pytest.approx([0.0, 0.5, 0.0, 0.3])
+    assert filter_top_p(probs, 0.5)[0].tolist() == pytest.approx([0.0, 0.5, 0.0, 0.0])
+    assert filter_top_p(probs, 0.81)[0].tolist() == pytest.approx([0.15, 0.5, 0.0, 0.3])
+    assert filter_top_p(probs, 1.0)[0].tolist() == pytest.approx(probs[0].tolist())
+
+
+def test_sample_inverse_cdf_hand_computed():
+    weights = torch.tensor([[1.0, 0.0, 3.0]] * 4)  # cumulative 1, 1, 4
+    uniforms = torch.tensor([0.1, 0.2499, 0.25, 0.99])
+    # u·4 = 0.4 → 0; 0.9996 → 0; 1.0 → first cumulative > 1 is index 2 (a zero-weight token is never drawn); 3.96 → 2
+    assert sample_inverse_cdf(weights, uniforms).tolist() == [0, 0, 2, 2]
+
+
+def test_truncate_at_stop():
+    assert truncate_at_stop([4, 5, 2, 3, 3], [2, 9]) == ([4, 5, 2], True)
+    assert truncate_at_stop([4, 9, 2], [2, 9]) == ([4, 9], True)
+    assert truncate_at_stop([4, 5], [2]) == ([4, 5], False)
+
+
+def test_derive_seed_is_stable_and_distinct():
+    assert derive_seed(42, "a", 0) == derive_seed(42, "a", 0)
+    assert len({derive_seed(42, "a", 0), derive_seed(42, "a", 1), derive_seed(42, "b", 0), derive_seed(43, "a", 0)}) == 4
+    assert 0 <= derive_seed(1, "x") < 2**63
+
+
+def test_generate_batch_seeded_and_batch_independent(policy):
+    model, tokenizer = policy
+    batched = generate_batch(model, tokenizer, PROMPTS, n=2, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    again = generate_batch(model, tokenizer, PROMPTS, n=2, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    alone = [generate_batch(model, tokenizer, [p], n=2, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)[0]
+             for p in reversed(PROMPTS)][::-1]
+    other = generate_batch(model, tokenizer, PROMPTS, n=2, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=8)
+    ids = lambda result: [[s["token_ids"] for s in samples] for samples in result]  # noqa: E731
+    assert ids(batched) == ids(again)
+    assert ids(batched) == ids(alone)  # a prompt's samples do not depend on its batch
+    assert ids(batched) != ids(other)
+    assert all(samples[0]["token_ids"] != samples[1]["token_ids"] for samples in batched)
+    for samples in batched:
+        for sample in samples:
+            assert sample["text"] == tokenizer.decode(sample["token_ids"], skip_special_tokens=True)
+
+
+def test_greedy_matches_hf_generate(policy):
+    model, tokenizer = policy
+    ours = generate_batch(model, tokenizer, PROMPTS[:2], n=1, max_new_tokens=8, temperature=0.0, top_p=1.0, seed=None)
+    for prompt, samples in zip(PROMPTS[:2], ours):
+        ids = torch.tensor([render_generation_prompt(tokenizer, prompt)])
+        reference = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=8, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id)
+        expected, _ = truncate_at_stop(reference[0, ids.shape[1]:].tolist(), [tokenizer.eos_token_id])
+        assert samples[0]["token_ids"] == expected
+
+
+def test_generation_stops_at_eos_and_truncates(policy):
+    model, tokenizer = policy
+    eos = tokenizer.eos_token_id
+
+    def favour_eos(module, inputs, output):  # make EOS likely but not certain, so lengths vary
+        output = output.clone()
+        output[..., eos] += 4.0
+        return output
+
+    handle = model.lm_head.register_forward_hook(favour_eos)
+    try:
+        result = generate_batch(model, tokenizer, PROMPTS, n=4, max_new_tokens=10, temperature=1.0, top_p=1.0, seed=3)
+    finally:
+        handle.remove()
+    samples = [s for group in result for s in group]
+    assert any(s["finished"] for s in samples) and any(len(s["token_ids"]) > 1 for s in samples)
+    for sample in samples:
+        if sample["finished"]:
+            assert sample["token_ids"][-1] == eos and sample["token_ids"].count(eos) == 1
+            assert tokenizer.pad_token_id not in sample["token_ids"]
+        else:
+            assert len(sample["token_ids"]) == 10 and eos not in sample["token_ids"]
+        assert "<|im_end|>" not in sample["text"]
+
+
+def test_repeated_prompt_gets_fresh_samples(policy):
+    model, tokenizer = policy
+    result = generate_batch(model, tokenizer, [PROMPTS[1], PROMPTS[1]], n=1, max_new_tokens=8, temperature=1.0,
+                            top_p=1.0, seed=5)
+    assert result[0][0]["token_ids"] != result[1][0]["token_ids"]
