@@ -140,7 +140,7 @@ BAD_ROWS = [
 
 
 @pytest.mark.parametrize("bad_row,field_text,reason", BAD_ROWS)
-def test_malformed_row_names_file_row_and_field(tmp_path, bad_row, field_text, reason):
+def test_malformed_row_names_file_row_and_field(tmp_path, capsys, bad_row, field_text, reason):
     path = tmp_path / "bad.jsonl"
     good = {"prompt": "Q", "chosen": "A", "rejected": "B"}
     path.write_text(json.dumps(good) + "\n" + json.dumps(bad_row) + "\n")
@@ -150,6 +150,21 @@ def test_malformed_row_names_file_row_and_field(tmp_path, bad_row, field_text, r
     assert "\n" not in message
     assert message.startswith(f"{path}: row 2: {field_text}"), message
     assert reason in message, message
+    # through the stage entry point: one line on stderr, exit code 2, no output dir
+    from trl import RewardConfig
+
+    import rm_train
+    from rlhfkit.args import ModelArguments
+    from rlhfkit.cli import run_stage
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(rm_train.main, (rm_train.ScriptArguments, ModelArguments, RewardConfig),
+                  ["--model_name_or_path", "tiny-random-llama", "--dataset_path", str(path),
+                   "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+    assert exit_info.value.code == 2
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err_lines == [f"error: {message}"]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     skipped = load_preferences([str(path)], skip_invalid=True)
     assert len(skipped.rows) == 1 and sum(v for k, v in skipped.report[str(path)].items() if k.startswith("skipped")) == 1
 
