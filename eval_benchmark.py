@@ -140,6 +140,12 @@ def main(script_args: ScriptArguments) -> dict:
             results["calibration"] = calibration_report(chosen_scores, rejected_scores, sources, script_args.record_dir)
     table = format_table(per_subset, summary)
     table += f"\n\n{'Accuracy (all pairs)':<28}{100 * results['accuracy']:>16.2f}   ({len(rows)} pairs, {results['ties']} ties)"
+    if results.get("calibration"):
+        calibration = results["calibration"]
+        table += f"\n{'ECE (all pairs)':<28}{calibration['overall']['ece']:>16.4f}"
+        if len(calibration["per_source"]) > 1:
+            for name, stats in calibration["per_source"].items():
+                table += f"\n  {name:<26}{stats['ece']:>16.4f}   accuracy {100 * stats['accuracy']:.2f}%"
     if accelerator.is_main_process:
         record_dir = Path(script_args.record_dir)
         record_dir.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,8 @@ class ScriptArguments:
     )
     skip_invalid_rows: bool = field(default=False, metadata={"help": "Skip (and count) malformed rows instead of failing."})
     objective: str = field(default="bt", metadata={"help": "bt | multitask | more (multi-objective; needs a 'source' per row)."})
-    alpha: float = field(default=0.99, metadata={"help": "MORE: momentum of the per-source weights."})
+    alpha: float = field(default=0.99, metadata={"help": "MORE: weight of the current step's per-source head gradient "
+                         "in its running average (1 = no momentum; see rlhfkit/more.py)."})
     normalize: str = field(default="l2", metadata={"help": "MORE: gradient normalisation before the min-norm solve: l2 | none."})
     reward_stats_samples: int = field(
         default=1000, metadata={"help": "Training pairs scored after training for run_info.json's reward mean/std."}

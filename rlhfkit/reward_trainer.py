@@ -38,6 +38,9 @@ class PairCollator(DataCollatorForPreference):
 
 class RewardModelTrainer(RewardTrainer):
     def __init__(self, *args, center_coefficient: float = 0.0, **kwargs):
+        tokenizer = kwargs.get("processing_class")
+        if kwargs.get("data_collator") is None and tokenizer is not None and tokenizer.pad_token_id is not None:
+            kwargs["data_collator"] = PairCollator(pad_token_id=tokenizer.pad_token_id)
         self.center_coefficient = center_coefficient
         self.eval_prefix = "eval_"  # rm_train.py switches it for the reward-statistics pass
         super().__init__(*args, **kwargs)
