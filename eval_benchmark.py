@@ -64,7 +64,8 @@ def main(script_args: ScriptArguments) -> dict:
     from accelerate import Accelerator
 
     from rlhfkit.data import load_preferences
-    from rlhfkit.models import ensure_pad_token, load_causal_lm, load_reward_model, load_tokenizer, resolve_model
+    from rlhfkit.models import (ensure_pad_token, load_causal_lm, load_reward_model, load_tokenizer, match_vocabulary,
+                                resolve_model)
     from rlhfkit.rewardbench import format_table, is_correct, is_rewardbench, rewardbench_summary, subset_accuracies
     from rlhfkit.scoring import score_conversations, shard_and_gather
 
@@ -83,7 +84,9 @@ def main(script_args: ScriptArguments) -> dict:
         ref_path, ref_record = resolve_model(script_args.ref_model_name_or_path, role="reference model")
         model = load_causal_lm(model_path, dtype=dtype).to(accelerator.device).eval()
         reference = load_causal_lm(ref_path, dtype=dtype).to(accelerator.device).eval()
+        vocab_before_pad = model.get_input_embeddings().num_embeddings
         ensure_pad_token(tokenizer, model)
+        match_vocabulary(reference, model, vocab_before_pad, script_args.ref_model_name_or_path)
         model_record["reference"] = ref_record
     else:
         model = load_reward_model(model_path, dtype=dtype).to(accelerator.device).eval()

@@ -23,7 +23,9 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from rlhfkit.args import ModelArguments
+from rlhfkit.args import ModelArguments, TrainingDefaults
+from trl import RewardConfig
+
 from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.errors import UserError
 from rlhfkit.tokenization import tokenize_pair
@@ -64,6 +66,11 @@ class ScriptArguments:
             raise ValueError(f"--objective must be bt, multitask or more, not '{self.objective}'")
         if self.normalize not in ("l2", "none"):
             raise ValueError(f"--normalize must be l2 or none, not '{self.normalize}'")
+
+
+@dataclass
+class RMArguments(TrainingDefaults, RewardConfig):
+    """TRL's RewardConfig with this toolkit's defaults (rlhfkit.args.TrainingDefaults)."""
 
 
 def tokenize_rows(rows: list[dict], tokenizer, max_length: int | None, truncation: str, source_index: dict | None):
@@ -194,6 +201,4 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
 
 if __name__ == "__main__":
-    from trl import RewardConfig
-
-    run_stage(main, (ScriptArguments, ModelArguments, RewardConfig))
+    run_stage(main, (ScriptArguments, ModelArguments, RMArguments))

@@ -51,3 +51,42 @@ class ModelArguments:
             raise ValueError("--load_in_4bit (QLoRA) trains adapters: add --use_peft true")
         if self.save_adapter_only and not self.use_peft:
             raise ValueError("--save_adapter_only needs --use_peft true")
+
+
+@dataclass
+class TrainingDefaults:
+    """This toolkit's defaults over a TRL config (mix in first: `class X(TrainingDefaults, DPOConfig)`).
+
+    - bf16 only where a GPU supports it (TRL defaults to bf16, which HF refuses on a CPU);
+    - activation (gradient) checkpointing on with a GPU, where memory is the limit, off on CPU, where it only costs
+      time; set under its transformers-5 name so no deprecation warning is printed;
+    - Trainer checkpoints kept (every 500 steps, the last 2) so `--resume_from_checkpoint true` has something to use;
+    - `--report_to wandb|tensorboard` without the package fails in one line instead of deep inside Trainer.
+    """
+
+    output_dir: str = field(default=None, metadata={"help": "Where the finished model goes (written atomically)."})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision; default: on when a CUDA GPU supports it, else off."}
+    )
+    save_strategy: str = field(default="steps", metadata={"help": "Trainer checkpoints (for resuming): steps | epoch | no"})
+    save_steps: float = field(default=500, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of --activation_checkpointing (transformers 5); default: "
+                                "on with a CUDA GPU, off on CPU."}
+    )
+
+    def __post_init__(self):
+        import torch
+
+        from .cli import require_reporters
+
+        if self.output_dir is None:
+            raise ValueError("--output_dir is required")
+        gpu = torch.cuda.is_available()
+        if getattr(self, "activation_checkpointing", None) is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = gpu
+        if self.bf16 is None:
+            self.bf16 = gpu and torch.cuda.is_bf16_supported() and not self.fp16
+        super().__post_init__()
+        require_reporters(self.report_to)

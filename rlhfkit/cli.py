@@ -74,15 +74,13 @@ def _yaml_to_argv(path: str, known: set[str]) -> list[str]:
 
 
 def _machine_defaults(known: set[str], argv: list[str]) -> list[str]:
-    """CPU-only machines run without extra flags: TRL's configs default to bf16=True, which HF refuses without a
-    GPU, so fp32 is the default there, and `use_cpu` is set. Explicit flags always win."""
+    """CPU-only machines run without extra flags: `use_cpu` is set there (bf16 is handled by
+    `rlhfkit.args.TrainingDefaults`). Explicit flags always win."""
     import torch
 
     if torch.cuda.is_available():
         return []
     defaults = []
-    if "bf16" in known and "--bf16" not in argv:
-        defaults += ["--bf16", "false"]
     if "use_cpu" in known and "--use_cpu" not in argv:
         # without it HF sizes DeepSpeed's global batch for one process while the launcher started several
         defaults += ["--use_cpu", "true"]
@@ -133,6 +131,10 @@ def to_dict(*instances) -> dict[str, Any]:
                 json.dumps(value)
             except TypeError:
                 value = str(value)
+            # keep args.yaml re-runnable with --config: argparse wants ≥ 1 value for a list flag, and
+            # TrainingArguments.to_dict writes `<PAD_TOKEN>`-style placeholders for every `*_token` field
+            if value == [] or (key.endswith("_token") and value == f"<{key.upper()}>"):
+                continue
             out[key] = value
     return out
 
@@ -151,6 +153,13 @@ def require(module: str, feature: str, extra: str | None = None) -> None:
     if importlib.util.find_spec(module) is None:
         hint = f"pip install 'rlhfkit[{extra}]'" if extra else f"pip install {module}"
         raise UserError(f"{feature} needs the '{module}' package, which is not installed ({hint})")
+
+
+def require_reporters(report_to) -> None:
+    """`--report_to wandb` without wandb installed fails deep inside Trainer with a traceback; fail here, one line."""
+    for name in ([report_to] if isinstance(report_to, str) else report_to or []):
+        if name in ("wandb", "tensorboard"):
+            require(name, f"--report_to {name}", extra=name)
 
 
 def require_cuda(feature: str) -> None:

@@ -205,3 +205,17 @@ def load_causal_lm(path: str, model_args=None, **kwargs):
     init = model_init_kwargs(model_args) if model_args is not None else {}
     init.update(kwargs)
     return _load(AutoModelForCausalLM, path, **init)
+
+
+def match_vocabulary(ref_model, model, vocab_before_pad: int, ref_requested: str) -> None:
+    """A reference must score the same token ids as the policy; follow the policy's pad-token resize (the pad row is
+    never scored). Any other vocabulary difference means another tokenizer, which DPO and implicit rewards refuse."""
+    ref_vocab = ref_model.get_input_embeddings().num_embeddings
+    policy_vocab = model.get_input_embeddings().num_embeddings
+    if ref_vocab == policy_vocab:
+        return
+    if ref_vocab == vocab_before_pad:
+        ref_model.resize_token_embeddings(policy_vocab)
+        return
+    raise UserError(f"{ref_requested}: reference vocabulary ({ref_vocab}) differs from the policy's ({policy_vocab}); "
+                    "the reference needs the same tokenizer")

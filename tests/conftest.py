@@ -8,12 +8,16 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tiny models are overhead-bound: one thread per process is faster, and stage subprocesses inherit it
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(1)
 os.environ.setdefault("RLHFKIT_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "rlhfkit-test-cache"))
 
 

@@ -151,14 +151,12 @@ def test_malformed_row_names_file_row_and_field(tmp_path, capsys, bad_row, field
     assert message.startswith(f"{path}: row 2: {field_text}"), message
     assert reason in message, message
     # through the stage entry point: one line on stderr, exit code 2, no output dir
-    from trl import RewardConfig
-
     import rm_train
     from rlhfkit.args import ModelArguments
     from rlhfkit.cli import run_stage
 
     with pytest.raises(SystemExit) as exit_info:
-        run_stage(rm_train.main, (rm_train.ScriptArguments, ModelArguments, RewardConfig),
+        run_stage(rm_train.main, (rm_train.ScriptArguments, ModelArguments, rm_train.RMArguments),
                   ["--model_name_or_path", "tiny-random-llama", "--dataset_path", str(path),
                    "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
     assert exit_info.value.code == 2

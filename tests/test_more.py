@@ -336,8 +336,6 @@ def _pairs_file(path, n, seed, topics):
 
 def _rm_args(tmp_path, objective, *extra):
     import rm_train
-    from trl import RewardConfig
-
     from rlhfkit.cli import parse_args
 
     # rows carry no `source`: load_preferences names each file's rows after the file
@@ -349,7 +347,7 @@ def _rm_args(tmp_path, objective, *extra):
             "--report_to", "none", "--disable_tqdm", "true", "--learning_rate", "1e-3",
             "--gradient_checkpointing", "false", "--bf16", "false", "--use_cpu", "true",
             "--reward_stats_samples", "8", "--seed", "0", *extra]
-    return rm_train, parse_args((rm_train.ScriptArguments, rm_train.ModelArguments, RewardConfig), argv)
+    return rm_train, parse_args((rm_train.ScriptArguments, rm_train.ModelArguments, rm_train.RMArguments), argv)
 
 
 @pytest.mark.slow

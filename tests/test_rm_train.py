@@ -20,12 +20,10 @@ pytestmark = pytest.mark.slow
 
 
 def run_rm(argv: list[str]) -> dict:
-    from trl import RewardConfig
-
     import rm_train
     from rlhfkit.args import ModelArguments
 
-    parsed = parse_args((rm_train.ScriptArguments, ModelArguments, RewardConfig), argv)
+    parsed = parse_args((rm_train.ScriptArguments, ModelArguments, rm_train.RMArguments), argv)
     return rm_train.main(*parsed)
 
 

@@ -1,0 +1,235 @@
+"""Supervised fine-tuning (SFT) stage, on TRL's `SFTTrainer`.
+
+    accelerate launch sft_train.py --model_name_or_path tiny-random-llama --dataset_path data/sft.jsonl \
+        --output_dir runs/sft [--config configs/recipes/sft/<recipe>.yaml]
+
+Features
+- Data (rlhfkit.sft_data): message lists, prompt/completion, ShareGPT, canonical preference pairs and raw HH-RLHF
+  dialogues (the chosen side), plain text, LMFlow `text_only`/`text2text` files, and `--text_template` for
+  question/answer rows ("Question: {question}\\n\\nAnswer: {response}"); `path:N` / `path:0.25` subsamples a source.
+- Loss on assistant tokens only by default (`--assistant_only_loss`, via the template's `{% generation %}` markers);
+  with `--text_template` the same flag puts the loss on the last field only; plain text trains on every token.
+- `--packing`, `--max_length`, `--gradient_checkpointing`, LoRA (`--use_peft`) and QLoRA (`--load_in_4bit`, needs
+  bitsandbytes and a CUDA GPU), `--chat_template` for tokenizers without one.
+- LoRA is merged on save (a plain checkpoint); `--save_adapter_only true` keeps just the adapter.
+- Held-out loss before and after training (`--eval_dataset_path` or `--validation_split_percentage`).
+
+Assumptions
+- All rows of one run are of one kind (chat, plain text, or template); mixing them is refused, since TRL picks the
+  format from the first row.
+- Assistant-only loss needs a chat template with `{% generation %}` markers, or one TRL knows how to patch; for
+  others the stage stops with a one-line error naming the fix.
+
+Output (the stage contract, rlhfkit.checkpoints): `--output_dir` with safetensors weights, tokenizer, metrics.json,
+args.yaml and run_info.json (parent, resolved model, dataset fingerprint and drop counts).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from rlhfkit.args import ModelArguments, TrainingDefaults
+from rlhfkit.cli import run_stage, setup_logging, to_dict
+from rlhfkit.errors import UserError
+
+logger = logging.getLogger("sft_train")
+
+
+@dataclass
+class ScriptArguments:
+    """Data flags (training flags are TRL's `SFTConfig`, model flags `rlhfkit.args.ModelArguments`)."""
+
+    dataset_path: list[str] = field(
+        default=None,
+        metadata={"help": "SFT data: one or more files/dirs, each optionally `path:N` or `path:0.25` to subsample."},
+    )
+    eval_dataset_path: list[str] | None = field(
+        default=None, metadata={"help": "Held-out SFT data (same formats); overrides --validation_split_percentage."}
+    )
+    validation_split_percentage: float = field(
+        default=0.0, metadata={"help": "Percent of --dataset_path held out for evaluation when no eval set is given."}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split to read from hub datasets / save_to_disk dirs."})
+    skip_invalid_rows: bool = field(default=False, metadata={"help": "Skip (and count) malformed rows instead of failing."})
+    text_template: str | None = field(
+        default=None,
+        metadata={"help": "Format rows as text, e.g. 'Question: {question}\\n\\nAnswer: {response}'; the loss "
+                  "covers the last field when --assistant_only_loss is on."},
+    )
+
+    def __post_init__(self):
+        if not self.dataset_path:
+            raise ValueError("--dataset_path is required")
+        if not 0 <= self.validation_split_percentage < 100:
+            raise ValueError("--validation_split_percentage must be in [0, 100)")
+
+
+@dataclass
+class SFTArguments(TrainingDefaults, SFTConfig):
+    """TRL's SFTConfig with this toolkit's defaults: assistant-only loss on, no bf16 unless a GPU has it, checkpoints
+    kept for resuming."""
+
+    assistant_only_loss: bool = field(
+        default=True,
+        metadata={"help": "Loss on assistant tokens only (chat data) or on the template's last field "
+                  "(--text_template). Plain text always trains on every token."},
+    )
+
+
+def main(script_args: ScriptArguments, model_args: ModelArguments, training_args: SFTArguments) -> dict:
+    # ---------------------------------------------------------------- setup
+    import datasets
+    from trl import SFTTrainer
+
+    from rlhfkit.checkpoints import StageOutput, fingerprint, parent_record, save_final_model
+    from rlhfkit.data import train_eval_split
+    from rlhfkit.models import ensure_pad_token, load_causal_lm, load_tokenizer, peft_config, resolve_model
+    from rlhfkit.sft_data import load_sft
+
+    stage = StageOutput(
+        training_args.output_dir, "sft",
+        overwrite=model_args.overwrite_output_dir,
+        resume=training_args.resume_from_checkpoint not in (None, "", "false", "False", "no"),
+    )
+    resume_from = stage.resolve_resume(training_args.resume_from_checkpoint)
+    final_output_dir = training_args.output_dir
+    training_args.output_dir = str(stage.checkpoints)  # Trainer checkpoints live inside OUT.partial/
+    arguments = to_dict(script_args, model_args, training_args) | {"output_dir": final_output_dir}
+    setup_logging(training_args.process_index == 0)
+
+    # ---------------------------------------------------------------- model & tokenizer
+    model_path, model_record = resolve_model(model_args.model_name_or_path)
+    if model_record.get("parent_stage") == "rm":
+        raise UserError(f"{model_args.model_name_or_path}: is a reward model (stage 'rm'); SFT starts from a causal LM")
+    tokenizer = load_tokenizer(model_path, model_args.chat_template, trust_remote_code=training_args.trust_remote_code)
+    model = load_causal_lm(model_path, model_args, trust_remote_code=training_args.trust_remote_code)
+    pad_action = ensure_pad_token(tokenizer, model)
+    lora = peft_config(model_args, task_type="CAUSAL_LM")
+
+    # ---------------------------------------------------------------- data
+    read = {"text_template": script_args.text_template, "seed": training_args.seed,
+            "skip_invalid": script_args.skip_invalid_rows, "split": script_args.dataset_split}
+    data = load_sft(script_args.dataset_path, **read)
+    if script_args.eval_dataset_path:
+        train_rows = data.rows
+        eval_data = load_sft(script_args.eval_dataset_path, **read)
+        if eval_data.kind != data.kind:
+            raise UserError(f"{', '.join(script_args.eval_dataset_path)}: eval data is {eval_data.kind} rows, "
+                            f"training data {data.kind} rows; they must be the same kind")
+        eval_rows = eval_data.rows
+    else:
+        train_rows, eval_rows = train_eval_split(data.rows, script_args.validation_split_percentage,
+                                                 seed=training_args.seed)
+    configure_loss_masking(training_args, data.kind, tokenizer)
+    train_dataset = datasets.Dataset.from_list(train_rows)
+    eval_dataset = datasets.Dataset.from_list(eval_rows) if eval_rows else None
+    logger.info("training rows: %d, held-out rows: %d", len(train_rows), len(eval_rows))
+
+    # ---------------------------------------------------------------- train
+    trainer = build_trainer(SFTTrainer, model, tokenizer, training_args, train_dataset, eval_dataset, lora)
+    # TRL drops rows left with no trained token after truncation (e.g. a prompt alone filling max_length)
+    dropped_by_max_length = 0 if training_args.packing else len(train_rows) - len(trainer.train_dataset)
+    if len(trainer.train_dataset) == 0:
+        raise UserError(f"--max_length {training_args.max_length}: no training row keeps a trained token; raise it")
+    if dropped_by_max_length:
+        logger.warning("--max_length %s: %d training rows had no trained token left and were dropped",
+                       training_args.max_length, dropped_by_max_length)
+    metrics: dict = {}
+    if eval_dataset is not None and resume_from is None:
+        metrics.update({f"{k}_before": v for k, v in trainer.evaluate().items() if k == "eval_loss"})
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    metrics.update(result.metrics)
+    if eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    trainer.log_metrics("final", metrics)
+
+    # ---------------------------------------------------------------- save
+    save_final_model(trainer, stage.staging, tokenizer, merge_lora=not model_args.save_adapter_only)
+    parent = ({"path": model_record["resolved_path"], "stage": model_record.get("parent_stage")}
+              if "parent_stage" in model_record else None)
+    run_info = {
+        **parent_record(parent, model_args.model_name_or_path, model_record),
+        "dataset": {
+            "paths": list(script_args.dataset_path),
+            "eval_paths": list(script_args.eval_dataset_path or []),
+            "fingerprint": fingerprint(train_rows),
+            "kind": data.kind,
+            "train_rows": len(train_rows),
+            "eval_rows": len(eval_rows),
+            "report": data.report,
+            "dropped_by_max_length": dropped_by_max_length,
+        },
+        "loss_on": loss_scope(training_args, data.kind),
+        "pad_token": pad_action,
+        "chat_template_source": tokenizer.init_kwargs.get("rlhfkit_chat_template_source"),
+        "lora": {"merged": not model_args.save_adapter_only} if model_args.use_peft else None,
+    }
+    stage.finalize(run_info, metrics, arguments)
+    return metrics
+
+
+
+
+
+
+def configure_loss_masking(training_args: SFTArguments, kind: str, tokenizer) -> None:
+    """Map our one `--assistant_only_loss` flag onto TRL's two, by data kind.
+
+    TRL has `assistant_only_loss` (chat rows, `{% generation %}` masks) and `completion_only_loss` (prompt/completion
+    rows) and raises if the first is set on non-chat data; plain text has no response to single out.
+    """
+    wanted = training_args.assistant_only_loss
+    if kind == "messages":
+        if wanted:
+            from trl.chat_template_utils import get_training_chat_template
+
+            try:
+                get_training_chat_template(tokenizer)
+            except ValueError:
+                raise UserError(
+                    "--assistant_only_loss: the chat template has no {% generation %} markers and TRL cannot patch it; "
+                    "pass a --chat_template that wraps assistant content in {% generation %}…{% endgeneration %}, "
+                    "or --assistant_only_loss false"
+                ) from None
+        training_args.completion_only_loss = None
+    elif kind == "prompt_completion":
+        training_args.assistant_only_loss = False
+        training_args.completion_only_loss = wanted
+    else:
+        if wanted:
+            logger.info("plain-text SFT data: the loss covers every token (--assistant_only_loss does not apply)")
+        training_args.assistant_only_loss = False
+        training_args.completion_only_loss = False
+
+
+def loss_scope(training_args: SFTArguments, kind: str) -> str:
+    if training_args.assistant_only_loss:
+        return "assistant tokens"
+    if training_args.completion_only_loss:
+        return "completion (last template field)"
+    return "all tokens"
+
+
+def build_trainer(trainer_cls, model, tokenizer, training_args, train_dataset, eval_dataset, lora):
+    """The SFTTrainer as main() builds it (also used by tests to inspect the prepared, masked dataset)."""
+    try:
+        return trainer_cls(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=lora,
+        )
+    except RuntimeError as exc:
+        if "no assistant tokens" in str(exc):  # TRL's message when a template marks nothing
+            raise UserError("--assistant_only_loss: a conversation renders with no assistant tokens under this chat "
+                            "template; check its {% generation %} markers") from None
+        raise
+
+
+if __name__ == "__main__":
+    run_stage(main, (ScriptArguments, ModelArguments, SFTArguments))
