@@ -1,0 +1,485 @@
+"""PPO stage: optimise a chat policy (an SFT checkpoint) against a reward model or a reward function.
+
+    accelerate launch --config_file configs/accelerate/single.yaml ppo_train.py \
+        --config configs/recipes/ppo/ppo_smollm2_lora.yaml --model_name_or_path runs/sft \
+        --reward_model_path runs/rm --dataset_path data/prompts.jsonl --output_dir runs/ppo
+
+Why our own loop: no maintained library provides PPO with a critic any more. TRL removed `PPOTrainer` and
+`AutoModelForCausalLMWithValueHead` (2026); its GRPO/RLOO trainers have no value model, no GAE and no per-token KL
+reward; OpenRLHF needs Ray and its own launcher. So the loop is written here on `accelerate`, with the math as pure
+functions in `rlhfkit/rl.py` (tested against hand-computed values), and reuses TRL only for gathering ZeRO-3
+weights once per rollout (`unwrap_model_for_generation`) and for preparing frozen models under DeepSpeed.
+
+One PPO step:  rollout() → score() → compute_advantages() → ppo_update()
+- rollout: batched HF `generate` with the stop rules of `generation/` (`rlhfkit.sampling`: EOS plus the chat
+  template's end-of-turn token), per-sample seeds derived from (seed, step, prompt position), so a resumed run draws
+  the same samples; then one no-grad forward each for the policy's log-probs, the values and the reference log-probs.
+- score: one interface for both reward sources: a reward-model dir (`AutoModelForSequenceClassification`; the
+  response is decoded and the conversation re-rendered with the RM's own tokenizer and chat template, so an RM with
+  another tokenizer works) or a labeler of `rlhfkit.labelers` (the annotation stage's interface): a Python function
+  `module:function(prompts, responses) -> list[float]` (also `path/to/file.py:function`) or a built-in (`vader`). Scores are normalised (the RM's `reward_stats` from its run_info.json, or running
+  moments), penalised when the response has no stop token (`--missing_eos_penalty`), optionally clipped.
+- advantages (`--advantage_estimator`): `gae` (critic; per-token rewards = −β·KL on every token + score on the last
+  response token, i.e. the EOS when generated), or the critic-free `rloo`, `grpo`, `reinforce_pp` (K samples per
+  prompt via `--num_samples_per_prompt` for the group-based ones). KL to the frozen reference: `--kl_estimator
+  k1|k3` in the reward with a fixed or adaptive coefficient (`--kl_target`), and/or as a loss term
+  (`--kl_loss_coef`, GRPO style).
+- update: `--ppo_epochs` passes over the rollout in minibatches of per_device_train_batch_size ×
+  gradient_accumulation_steps sequences; clipped surrogate + `--vf_coef` × clipped value loss − entropy bonus.
+
+Models: the policy (LoRA with --use_peft; gradient checkpointing), a frozen reference (the policy's own checkpoint
+by default; with LoRA the adapter is switched off instead of loading a copy), the reward model (frozen), the value
+model (initialised from the RM as in InstructGPT, or from the policy with a zero-initialised head; LoRA too with
+--use_peft).
+Policy and value model are wrapped into one module so one optimizer/DeepSpeed engine trains both (ZeRO-2/3 work
+with a single engine per accelerator).
+
+Outputs (stage contract): OUT/ holds the policy (LoRA merged unless --save_adapter_only), its tokenizer,
+metrics.json, log_history.jsonl (every step's metrics), args.yaml, run_info.json; OUT/value_model/ the value model
+as a sequence-classification checkpoint (usable as a reward-model-shaped model). Checkpoints every --save_steps
+in OUT.partial/checkpoints/ hold model, optimizer, scheduler, RNG, KL-controller and reward-normaliser state;
+`--resume_from_checkpoint true` continues from the last one.
+
+Assumptions: value model initialised from the RM needs the RM to share the policy's tokenizer (checked). Advantage
+whitening and group statistics are per process (each process holds whole prompt groups). Generation is HF
+`generate`; under ZeRO-3 the policy's weights are gathered once per rollout instead of at every token (~10× faster
+on 2 processes, benchmarks/bench_ppo.py). `--use_vllm` is refused: it needs the updated weights pushed into the vLLM
+engine after every PPO step, which is not written yet. Frozen models are replicated per process unless ZeRO-3 is on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+
+from rlhfkit import rl
+from rlhfkit.args import ModelArguments
+from rlhfkit.checkpoints import StageOutput, parent_record
+from rlhfkit.cli import run_stage, setup_logging, to_dict
+from rlhfkit.errors import UserError
+from rlhfkit.ppo import (
+    TRAINER_STATE,
+    VALUE_MODEL_DIR,
+    FunctionReward,
+    ModelReward,
+    is_deepspeed,
+    prepare_frozen,
+    PolicyAndValue,
+    build_value_model,
+    apply_lora,
+    rollout,
+    forward_rollout,
+    reference_logprobs,
+    compute_advantages,
+    score,
+    rollout_metrics,
+    ppo_update,
+    prompt_positions,
+    save_checkpoint,
+    save_pretrained_from_state,
+    sub_state_dict,
+    trackers_from_report_to,
+)
+
+logger = logging.getLogger("ppo_train")
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# arguments
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class ScriptArguments:
+    """Data and the models around the policy (the policy itself is --model_name_or_path, see ModelArguments)."""
+
+    dataset_path: list[str] = field(
+        default=None,
+        metadata={"help": "Prompt sets in any format generation/ reads (rlhfkit.prompts.load_prompts); "
+                  "'file:N' keeps the first N rows."},
+    )
+    reward_model_path: str | None = field(
+        default=None,
+        metadata={"help": "A reward model dir (rm_train.py output or any 1-label *ForSequenceClassification)."},
+    )
+    reward_fn: str | None = field(
+        default=None,
+        metadata={"help": "Instead of a reward model, a labeler (rlhfkit.labelers): a built-in name (vader), or "
+                  "'module:function' / 'file.py:function' taking (prompts: list[list[dict]], responses: list[str]) "
+                  "and returning list[float]."},
+    )
+    ref_model_path: str | None = field(
+        default=None, metadata={"help": "Frozen reference for the KL penalty (default: the policy's checkpoint)."}
+    )
+    value_model_init: str = field(
+        default="auto",
+        metadata={"help": "reward_model | policy | auto (the RM when there is one sharing the policy's tokenizer, "
+                  "else the policy with a new head)."},
+    )
+    max_prompt_length: int = field(default=512, metadata={"help": "Prompts longer than this (tokens) are dropped."})
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    rm_batch_size: int = field(default=16, metadata={"help": "Batch size of reward-model scoring."})
+    rm_max_length: int | None = field(
+        default=None,
+        metadata={"help": "Truncate re-rendered conversations for the RM to this many tokens (from the left)."},
+    )
+
+    def __post_init__(self):
+        if isinstance(self.dataset_path, str):
+            self.dataset_path = [self.dataset_path]
+        if (self.reward_model_path is None) == (self.reward_fn is None):
+            raise ValueError("give exactly one reward source: --reward_model_path DIR or --reward_fn module:function")
+        if self.value_model_init not in ("auto", "reward_model", "policy"):
+            raise ValueError(f"--value_model_init must be auto, reward_model or policy, not '{self.value_model_init}'")
+        if self.value_model_init == "reward_model" and self.reward_model_path is None:
+            raise ValueError("--value_model_init reward_model needs --reward_model_path")
+
+
+@dataclass
+class PPOConfig(TrainingArguments):
+    """Training flags: HF TrainingArguments (optimizer, schedule, precision, logging, saving) plus PPO's own.
+
+    Read by this loop: learning_rate, weight_decay, adam_*, max_grad_norm, lr_scheduler_type, warmup_steps,
+    max_steps (PPO steps; else num_train_epochs passes over the prompts), per_device_train_batch_size (micro batch
+    of the update), gradient_accumulation_steps, gradient_checkpointing, bf16/fp16, seed, logging_steps,
+    save_strategy/save_steps/save_total_limit, report_to, output_dir, resume_from_checkpoint, disable_tqdm.
+    Evaluation and hub fields are not used.
+    """
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "Learning rate of the policy."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N PPO steps."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N PPO steps."})
+    per_device_train_batch_size: int = field(
+        default=4, metadata={"help": "Sequences per forward/backward in the update."}
+    )
+
+    rollout_batch_size: int = field(default=8, metadata={"help": "Prompts per process per PPO step."})
+    num_samples_per_prompt: int = field(default=1, metadata={"help": "K responses per prompt (≥ 2 for rloo/grpo)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Response length limit."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs use the same)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
+    generation_batch_size: int | None = field(
+        default=None, metadata={"help": "Prompts per generate call (default: the whole rollout batch)."}
+    )
+    use_vllm: bool = field(default=False, metadata={"help": "Not implemented in this loop; refused."})
+
+    advantage_estimator: str = field(default="gae", metadata={"help": "gae | rloo | grpo | reinforce_pp."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount (GAE, REINFORCE++)."})
+    lam: float = field(default=0.95, metadata={"help": "GAE λ."})
+    whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages over the rollout batch."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Rescale per-token rewards (GAE) by their std."})
+    grpo_scale_by_std: bool = field(default=True, metadata={"help": "GRPO: divide by the group std (false: Dr. GRPO)."})
+
+    kl_estimator: str = field(default="k1", metadata={"help": "k1 | k3 (k2 also accepted): per-token KL estimate."})
+    kl_coef: float = field(
+        default=0.05, metadata={"help": "β of the KL penalty in the reward (initial β if adaptive)."}
+    )
+    kl_target: float | None = field(
+        default=None, metadata={"help": "Adaptive KL: target per-sequence KL (Ziegler et al.); unset = fixed β."}
+    )
+    kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon, in sequences."})
+    kl_loss_coef: float = field(default=0.0, metadata={"help": "KL (k3) to the reference as a loss term (GRPO style)."})
+
+    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip ε."})
+    cliprange_value: float | None = field(default=0.2, metadata={"help": "Value clip; unset = unclipped MSE."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    value_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the value model (default: --learning_rate)."}
+    )
+    entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus weight."})
+
+    reward_normalization: str = field(
+        default="auto",
+        metadata={"help": "auto (the RM's reward_stats if present, else none) | rm_stats | running | none."},
+    )
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the (normalised) score of responses without a stop token."}
+    )
+    reward_clip: float | None = field(default=None, metadata={"help": "Clip normalised scores to ±this."})
+    save_value_model: bool = field(default=True, metadata={"help": "Save the value model in OUT/value_model/."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.use_vllm:
+            raise ValueError("--use_vllm is not supported by ppo_train.py yet; drop it (HF generate is used)")
+        if self.advantage_estimator not in rl.ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"--advantage_estimator must be one of {', '.join(rl.ADVANTAGE_ESTIMATORS)}")
+        if self.kl_estimator not in rl.KL_ESTIMATORS:
+            raise ValueError(f"--kl_estimator must be one of {', '.join(rl.KL_ESTIMATORS)}")
+        if self.advantage_estimator in ("rloo", "grpo") and self.num_samples_per_prompt < 2:
+            raise ValueError(f"--advantage_estimator {self.advantage_estimator} needs --num_samples_per_prompt ≥ 2")
+        if self.reward_normalization not in ("auto", "rm_stats", "running", "none"):
+            raise ValueError("--reward_normalization must be auto, rm_stats, running or none")
+        rollout = self.rollout_batch_size * self.num_samples_per_prompt
+        minibatch = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if rollout % minibatch:
+            raise ValueError(
+                f"rollout of {rollout} sequences (rollout_batch_size × num_samples_per_prompt) does not split into "
+                f"minibatches of {minibatch} (per_device_train_batch_size × gradient_accumulation_steps)"
+            )
+        if self.temperature <= 0:
+            raise ValueError("--temperature must be > 0 (PPO needs a stochastic policy)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stage
+# ---------------------------------------------------------------------------------------------------------------
+def main(script_args: ScriptArguments, model_args: ModelArguments, training_args: PPOConfig) -> Path:
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+    from trl.models.utils import unwrap_model_for_generation
+
+    from rlhfkit.models import ensure_pad_token, load_causal_lm, load_tokenizer, resolve_model
+    from rlhfkit.prompts import load_prompts
+    from rlhfkit.sampling import derive_seed, render_generation_prompt, stop_token_ids
+
+    # ---------------------------------------------------------------- setup
+    args = training_args
+    if not script_args.dataset_path:
+        raise UserError("--dataset_path is required (a prompt set)")
+    mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+    setup_logging(PartialState().is_main_process)
+    resume_requested = args.resume_from_checkpoint not in (None, "", "false", "False", "no")
+    out = StageOutput(args.output_dir, "ppo", overwrite=model_args.overwrite_output_dir, resume=resume_requested)
+    resume_dir = out.resolve_resume(args.resume_from_checkpoint)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=mixed,
+        log_with=trackers_from_report_to(args.report_to),
+        # trackers write beside the outputs, so the logs move with OUT.partial → OUT
+        project_config=ProjectConfiguration(project_dir=str(out.staging), logging_dir=str(out.staging / "runs")),
+        step_scheduler_with_optimizer=False,  # we step it per optimizer step of this process ourselves
+    )
+    set_seed(args.seed, device_specific=True)
+
+    # ---------------------------------------------------------------- model & tokenizer
+    policy_path, policy_record = resolve_model(model_args.model_name_or_path, role="policy")
+    tokenizer = load_tokenizer(policy_path, model_args.chat_template, padding_side="left")
+    policy = load_causal_lm(policy_path, model_args)
+    ensure_pad_token(tokenizer, policy)
+    stop_ids = stop_token_ids(tokenizer, policy)
+
+    if script_args.reward_model_path is not None:
+        reward = ModelReward(script_args.reward_model_path, model_args, script_args.rm_batch_size,
+                             script_args.rm_max_length)
+    else:
+        reward = FunctionReward(script_args.reward_fn)
+    norm_mode = args.reward_normalization
+    if norm_mode == "auto":
+        norm_mode = "rm_stats" if reward.stats is not None else "none"
+    if norm_mode == "rm_stats" and reward.stats is None:
+        raise UserError("--reward_normalization rm_stats: the reward model's run_info.json has no 'reward_stats'")
+
+    ref_path = script_args.ref_model_path or policy_path
+    ref_model = None
+    if not (model_args.use_peft and ref_path == policy_path):  # with LoRA the base policy is the reference
+        ref_resolved, _ = resolve_model(ref_path, role="reference model")
+        ref_model = load_causal_lm(ref_resolved, model_args)
+        ref_model.config.pad_token_id = tokenizer.pad_token_id
+        ref_model.requires_grad_(False).eval()
+
+    value_model, value_tokenizer, value_source = None, None, None
+    if args.advantage_estimator == "gae":
+        value_model, value_tokenizer, value_source = build_value_model(
+            script_args, model_args, policy_path, tokenizer, reward
+        )
+    if args.gradient_checkpointing:
+        kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+        for model in (policy, value_model):
+            if model is not None:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+                model.config.use_cache = False
+    policy = apply_lora(policy, model_args, "CAUSAL_LM")
+    if value_model is not None:
+        value_model = apply_lora(value_model, model_args, "SEQ_CLS", modules_to_save=["score"])
+    model = PolicyAndValue(policy, value_model)
+
+    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": args.learning_rate}]
+    if value_model is not None:
+        groups.append({"params": [p for p in value_model.parameters() if p.requires_grad],
+                       "lr": args.learning_rate if args.value_learning_rate is None else args.value_learning_rate})
+    optimizer = torch.optim.AdamW(
+        groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=args.weight_decay
+    )
+
+    # ---------------------------------------------------------------- data
+    prompt_rows = load_prompts(script_args.dataset_path, max_prompts=script_args.max_prompts)
+    kept_rows, kept_ids, too_long = [], [], 0
+    for row in prompt_rows:
+        ids = render_generation_prompt(tokenizer, row["prompt"])
+        if len(ids) > script_args.max_prompt_length:
+            too_long += 1
+            continue
+        kept_rows.append(row)
+        kept_ids.append(ids)
+    if too_long:
+        logger.warning("dropped %d of %d prompts longer than --max_prompt_length %d", too_long, len(prompt_rows),
+                       script_args.max_prompt_length)
+    if not kept_rows:
+        raise UserError(
+            f"{', '.join(script_args.dataset_path)}: no prompt fits --max_prompt_length {script_args.max_prompt_length}"
+        )
+    per_step = args.rollout_batch_size * accelerator.num_processes
+    if args.max_steps and args.max_steps > 0:
+        total_steps = args.max_steps
+    else:
+        total_steps = max(1, math.ceil(args.num_train_epochs * len(kept_rows) / per_step))
+    sequences = args.rollout_batch_size * args.num_samples_per_prompt
+    minibatch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    optimizer_steps = total_steps * args.ppo_epochs * (sequences // minibatch)
+    warmup = args.warmup_steps if args.warmup_steps >= 1 else math.ceil(args.warmup_steps * optimizer_steps)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(warmup),
+                              num_training_steps=optimizer_steps)
+
+    if is_deepspeed(accelerator):  # a custom loop passes no dataloader, so DeepSpeed's "auto" batch sizes are ours
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
+        ds_config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+        ds_config["train_batch_size"] = minibatch * accelerator.num_processes
+        ds_config["gradient_clipping"] = args.max_grad_norm
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # after the trained model: accelerate has then resolved the DeepSpeed config's "auto" values they reuse
+    if ref_model is not None:
+        ref_model = prepare_frozen(ref_model, accelerator)
+    if isinstance(reward, ModelReward):
+        reward.model = prepare_frozen(reward.model, accelerator)
+
+    kl_controller = (
+        rl.AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
+        if args.kl_target is not None
+        else rl.FixedKLController(args.kl_coef)
+    )
+    moments = rl.RunningMoments()
+    accelerator.register_for_checkpointing(kl_controller, moments)
+
+    # ---------------------------------------------------------------- train
+    start_step, history = 0, []
+    if resume_dir is not None:
+        accelerator.load_state(resume_dir)
+        state = json.loads((Path(resume_dir) / TRAINER_STATE).read_text(encoding="utf-8"))
+        start_step, history = int(state["step"]), list(state["log_history"])
+        logger.info("resumed from %s at step %d (kl_coef %.4g)", resume_dir, start_step, kl_controller.value)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("ppo", config={k: v for k, v in to_dict(script_args, model_args, args).items()
+                                                 if isinstance(v, (int, float, str, bool))})
+    log_file = out.staging / "log_history.jsonl"
+    if accelerator.is_main_process:  # rewritten from the checkpoint's history so a resumed log has no duplicates
+        log_file.write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
+    unwrapped = accelerator.unwrap_model(model)
+    micro = args.per_device_train_batch_size
+    save_every = int(args.save_steps) if str(args.save_strategy).lower().endswith("steps") and args.save_steps else 0
+    progress = tqdm(total=total_steps, initial=start_step, desc="ppo",
+                    disable=args.disable_tqdm or not accelerator.is_local_main_process)
+    logger.info("PPO: %d steps × %d prompts × %d samples, estimator %s, value model %s, reward %s",
+                total_steps, per_step, args.num_samples_per_prompt, args.advantage_estimator, value_source,
+                reward.describe())
+
+    for step in range(start_step, total_steps):
+        # -- rollout --
+        t0 = time.perf_counter()
+        positions = prompt_positions(step, per_step, len(kept_rows), args.seed)
+        mine = positions[accelerator.process_index * args.rollout_batch_size:][: args.rollout_batch_size]
+        seeds = [derive_seed(args.seed, "ppo", step, position) for position in mine]
+        model.eval()
+        with unwrap_model_for_generation(model, accelerator) as generator:
+            batch = rollout(generator.policy, tokenizer, [kept_rows[i] for i in mine], [kept_ids[i] for i in mine],
+                            seeds, args, stop_ids, accelerator.device)
+        t1 = time.perf_counter()
+        # -- score --
+        raw, scores = score(reward, batch, args, norm_mode, moments, accelerator,
+                            script_args.reward_fn or script_args.reward_model_path)
+        t2 = time.perf_counter()
+        # -- advantages --
+        logprobs, values = forward_rollout(model, batch, micro, args.temperature)
+        ref_logprobs = reference_logprobs(ref_model, unwrapped.policy, batch, micro, args.temperature)
+        kl = rl.kl_per_token(logprobs, ref_logprobs, args.kl_estimator) * batch.mask
+        kl_coef = kl_controller.value
+        advantages, returns = compute_advantages(args, scores, kl, batch.mask, values, kl_coef)
+        # -- update --
+        stats = ppo_update(model, optimizer, scheduler, accelerator, args, batch, logprobs, ref_logprobs,
+                           advantages, values, returns)
+        t3 = time.perf_counter()
+
+        local = rollout_metrics(batch, raw, scores, logprobs, ref_logprobs, kl, kl_coef, values, returns)
+        gathered = {key: accelerator.gather(value.float().reshape(1)).mean().item() for key, value in local.items()}
+        stats = {key: accelerator.gather(torch.tensor([value], device=accelerator.device)).mean().item()
+                 for key, value in stats.items()}
+        kl_controller.update(gathered["kl/penalty"], per_step * args.num_samples_per_prompt)
+        generation_s, scoring_s, training_s = t1 - t0, t2 - t1, t3 - t2
+        row = {
+            "step": step + 1, **gathered, **stats, "kl/coef": kl_coef, "lr": scheduler.get_last_lr()[0],
+            "time/generation_s": generation_s, "time/scoring_s": scoring_s, "time/training_s": training_s,
+            "time/generation_share": generation_s / max(t3 - t0, 1e-9),
+        }
+        history.append(row)
+        if accelerator.is_main_process:
+            with log_file.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+        if args.logging_steps and (step + 1) % max(1, int(args.logging_steps)) == 0:
+            accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
+            progress.set_postfix(reward=f"{row['reward/raw']:.3f}", kl=f"{row['kl/k1']:.3f}")
+        progress.update(1)
+        if save_every and (step + 1) % save_every == 0 and step + 1 < total_steps:
+            save_checkpoint(accelerator, out, step + 1, history, args.save_total_limit)
+    progress.close()
+
+    # ---------------------------------------------------------------- save
+    state_dict = accelerator.get_state_dict(model)  # collective: gathers 16-bit weights under ZeRO-3
+    merge = not model_args.save_adapter_only
+    if accelerator.is_main_process:
+        save_pretrained_from_state(unwrapped.policy, sub_state_dict(state_dict, "policy."), out.staging, merge)
+        tokenizer.padding_side = "right"  # what the next stages (SFT/RM-style training) expect by default
+        tokenizer.save_pretrained(out.staging)
+        if value_model is not None and args.save_value_model:
+            value_dir = out.staging / VALUE_MODEL_DIR
+            value_state = sub_state_dict(state_dict, "value_model.")
+            save_pretrained_from_state(unwrapped.value_model, value_state, value_dir, merge)
+            value_tokenizer.save_pretrained(value_dir)
+        shutil.rmtree(out.checkpoints, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    first, last = history[: max(1, len(history) // 5)], history[-max(1, len(history) // 5):]
+    metrics = {
+        "steps": total_steps,
+        "reward_raw_first": sum(r["reward/raw"] for r in first) / len(first),
+        "reward_raw_last": sum(r["reward/raw"] for r in last) / len(last),
+        **{f"final/{k}": v for k, v in history[-1].items() if k != "step"},
+        "time/generation_share_mean": sum(r["time/generation_share"] for r in history) / len(history),
+        "prompts": {"kept": len(kept_rows), "dropped_too_long": too_long, "sources": prompt_rows.report},
+    }
+    run_info = {
+        **parent_record({"path": policy_path, "stage": policy_record.get("parent_stage")},
+                        model_args.model_name_or_path, policy_record),
+        "reference_model": os.path.abspath(ref_path) if ref_model is not None else "policy with LoRA disabled",
+        "reward": reward.describe(),
+        "reward_normalization": norm_mode,
+        "value_model": {
+            "init": value_source, "dir": VALUE_MODEL_DIR if value_source and args.save_value_model else None
+        },
+        "dataset": {"paths": script_args.dataset_path, "fingerprint": _fingerprint(kept_rows)},
+        "stop_token_ids": stop_ids,
+        "kl_controller": kl_controller.state_dict(),
+    }
+    final = out.finalize(run_info, metrics, to_dict(script_args, model_args, args))
+    return final
+
+
+def _fingerprint(rows: list[dict]) -> str:
+    from rlhfkit.checkpoints import fingerprint
+
+    return fingerprint([row["id"] for row in rows])
+
+
+if __name__ == "__main__":
+    run_stage(main, (ScriptArguments, ModelArguments, PPOConfig))

@@ -1,0 +1,434 @@
+"""ppo_train.py end to end on tiny random models (CPU, no network): learning, reward models, value init, resume."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import ppo_train
+from rlhfkit.args import ModelArguments
+from rlhfkit.builtin_models import materialize, train_tiny_tokenizer
+from rlhfkit.checkpoints import StageOutput
+from rlhfkit.cli import parse_args, run_stage
+from rlhfkit.errors import UserError
+from rlhfkit.tokenization import DEFAULT_CHAT_TEMPLATE
+
+ROOT = Path(__file__).resolve().parents[1]
+TYPES = (ppo_train.ScriptArguments, ModelArguments, ppo_train.PPOConfig)
+PROMPTS = [
+    "tell a story about the sea", "write a poem", "explain why the sun is warm", "give me a list",
+    "describe a cat", "what is math", "how do birds fly", "say something kind",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reward functions, imported by ppo_train through 'file.py:function'
+# ---------------------------------------------------------------------------------------------------------------
+POSITIVE_WORDS = set(
+    "good great happy kind love wonderful nice joy bright warm helpful honest polite safe thank please yes correct "
+    "true friend".split()
+)
+
+
+def positive_words_reward(prompts, responses):
+    """Share of the response's words that are in a list of positive words (most are single tokens of the tiny
+    tokenizer, so a random policy hits a few percent and can learn to say more of them)."""
+    assert len(prompts) == len(responses) and all(p[-1]["role"] == "user" for p in prompts)
+    scores = []
+    for text in responses:
+        words = re.findall(r"[a-z]+", text.lower())
+        scores.append(sum(word in POSITIVE_WORDS for word in words) / max(1, len(words)))
+    return scores
+
+
+def wrong_length_reward(prompts, responses):
+    return [0.0]
+
+
+REWARD_FN = f"{__file__}:positive_words_reward"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared machine
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ppo")
+
+
+@pytest.fixture(scope="module")
+def prompts_file(workdir):
+    path = workdir / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": text, "id": str(i)}) + "\n" for i, text in enumerate(PROMPTS)))
+    return str(path)
+
+
+def save_reward_model(out_dir: Path, tokenizer, reward_stats: dict, seed: int = 0) -> str:
+    """A tiny 1-label LlamaForSequenceClassification written through the stage contract, as rm_train.py would."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id, num_labels=1,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForSequenceClassification(config)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)  # visible score differences between responses
+    output = StageOutput(out_dir, "rm")
+    model.save_pretrained(output.staging, safe_serialization=True)
+    tokenizer.save_pretrained(output.staging)
+    output.finalize({"reward_stats": reward_stats}, {})
+    return str(out_dir)
+
+
+@pytest.fixture(scope="module")
+def same_tokenizer_rm(workdir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(materialize("tiny-random-llama"))
+    return save_reward_model(workdir / "rm_same", tokenizer, {"mean": 0.5, "std": 2.0})
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_rm(workdir):
+    tokenizer = train_tiny_tokenizer(vocab_size=300)  # another vocabulary ...
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # ... and a 'User:/Assistant:' template instead of ChatML
+    return save_reward_model(workdir / "rm_other", tokenizer, {"mean": -1.0, "std": 0.5}, seed=1)
+
+
+def run(out_dir, *flags, **overrides) -> Path:
+    argv = {
+        "model_name_or_path": "tiny-random-llama", "output_dir": str(out_dir), "max_steps": "2",
+        "max_new_tokens": "8", "rollout_batch_size": "4", "per_device_train_batch_size": "4", "ppo_epochs": "1",
+        "learning_rate": "1e-3", "lr_scheduler_type": "constant", "save_strategy": "no", "disable_tqdm": "true",
+        "report_to": "none", "seed": "0",
+    }
+    argv.update({key: str(value) for key, value in overrides.items()})
+    args = [item for key, value in argv.items() for item in (f"--{key}", value)] + list(flags)
+    return ppo_train.main(*parse_args(TYPES, args))
+
+
+def history(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "log_history.jsonl").read_text().splitlines()]
+
+
+def mean(rows, key) -> float:
+    return sum(row[key] for row in rows) / len(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# learning
+# ---------------------------------------------------------------------------------------------------------------
+# 32 responses of 16 tokens per step; the rise comes after ~20 steps (3 seeds tried each: all rose 4-15×)
+LEARN = dict(max_steps=30, max_new_tokens=16, per_device_train_batch_size=16, ppo_epochs=4, seed=1)
+
+
+def test_ppo_gae_raises_reward_with_bounded_kl(workdir, prompts_file):
+    out = run(workdir / "ppo_gae", "--dataset_path", prompts_file, reward_fn=REWARD_FN, rollout_batch_size=32,
+              learning_rate=3e-3, kl_coef=0.01, **LEARN)
+    rows = history(out)
+    assert [row["step"] for row in rows] == list(range(1, 31))
+    start, end = mean(rows[:5], "reward/raw"), mean(rows[-5:], "reward/raw")
+    assert end > max(3 * start, start + 0.08), f"reward {start:.3f} → {end:.3f}"
+    assert max(row["kl/k1"] for row in rows) < 60.0
+    # every metric the stage promises, every step
+    for key in ("reward/raw", "reward/normalized", "kl/k1", "kl/k3", "kl/coef", "policy/entropy", "policy/clipfrac",
+                "policy/approx_kl", "value/loss", "value/clipfrac", "value/explained_variance", "response/length",
+                "response/eos_fraction", "time/generation_s", "time/training_s", "time/generation_share"):
+        assert all(math.isfinite(row[key]) for row in rows), key
+    # the stage contract: policy + tokenizer at the top, the value model beside it
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["complete"] and info["stage"] == "ppo" and info["value_model"]["init"] == "policy"
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    AutoModelForCausalLM.from_pretrained(out)
+    value = AutoModelForSequenceClassification.from_pretrained(out / "value_model")
+    assert value.config.num_labels == 1
+    assert not (out / "checkpoints").exists() and not Path(f"{out}.partial").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["reward_raw_last"] > metrics["reward_raw_first"]
+
+
+def test_rloo_raises_reward_without_a_value_model(workdir, prompts_file):
+    out = run(workdir / "rloo", "--dataset_path", prompts_file, reward_fn=REWARD_FN, advantage_estimator="rloo",
+              rollout_batch_size=8, num_samples_per_prompt=4, learning_rate=3e-3, kl_coef=0.01, **LEARN)
+    rows = history(out)
+    start, end = mean(rows[:5], "reward/raw"), mean(rows[-5:], "reward/raw")
+    assert end > max(3 * start, start + 0.08), f"reward {start:.3f} → {end:.3f}"
+    assert max(row["kl/k1"] for row in rows) < 60.0
+    assert "value/loss" not in rows[0]
+    assert not (out / "value_model").exists()
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "reinforce_pp"])
+def test_other_critic_free_estimators_run(workdir, prompts_file, estimator):
+    out = run(workdir / estimator, "--dataset_path", prompts_file, reward_fn=REWARD_FN,
+              advantage_estimator=estimator, num_samples_per_prompt=2, rollout_batch_size=2, kl_loss_coef=0.1,
+              kl_estimator="k3", missing_eos_penalty=1.0, reward_clip=5.0)
+    rows = history(out)
+    assert len(rows) == 2 and all(math.isfinite(row["policy/kl_loss"]) for row in rows)
+
+
+def test_rollout_layout_and_reward_position(monkeypatch):
+    """Left-padded prompts, responses cut after the first stop token, the score on that token (or the last one)."""
+    from transformers import AutoTokenizer
+
+    import rlhfkit.sampling
+
+    tokenizer = AutoTokenizer.from_pretrained(materialize("tiny-random-llama"))
+    eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
+
+    def fake_generate_batch(model, tokenizer, prompts, n, **kwargs):
+        return [[{"text": "a b", "token_ids": [10, 11, eos], "finished": True}],
+                [{"text": "c d e f", "token_ids": [12, 13, 14, 15], "finished": False}]]
+
+    monkeypatch.setattr(rlhfkit.sampling, "generate_batch", fake_generate_batch)
+    rows = [{"id": str(i), "prompt": [{"role": "user", "content": text}]} for i, text in enumerate("xy")]
+    args = ppo_train.PPOConfig(output_dir="unused", rollout_batch_size=2, per_device_train_batch_size=2,
+                               max_new_tokens=4)
+    batch = ppo_train.rollout(None, tokenizer, rows, [[1, 2, 3], [4, 5]], [0, 1], args, [eos], "cpu")
+    assert batch.input_ids.tolist() == [[1, 2, 3, 10, 11, eos, pad], [pad, 4, 5, 12, 13, 14, 15]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1, 1]]
+    assert batch.position_ids[1, 1:].tolist() == [0, 1, 2, 3, 4, 5]  # positions skip the left padding
+    assert batch.mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert batch.has_stop.tolist() == [True, False]
+    assert batch.texts == ["a b", "c d e f"]
+
+    args = ppo_train.PPOConfig(output_dir="unused", rollout_batch_size=2, per_device_train_batch_size=2,
+                               whiten_advantages=False, gamma=1.0, lam=1.0)
+    values = torch.zeros(2, 4)
+    scores, kl = torch.tensor([2.0, 3.0]), torch.zeros(2, 4)
+    _, returns = ppo_train.compute_advantages(args, scores, kl, batch.mask, values, kl_coef=0.1)
+    # γ = λ = 1 and V = 0: every token's return is the score; nothing after the EOS (a reward one token late
+    # would be masked away and give 0 here)
+    assert returns.tolist() == [[2.0, 2.0, 2.0, 0.0], [3.0, 3.0, 3.0, 3.0]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reward models and the value model
+# ---------------------------------------------------------------------------------------------------------------
+def test_value_model_starts_from_the_reward_model(workdir, prompts_file, same_tokenizer_rm):
+    from safetensors.torch import load_file
+
+    # value learning rate 0: the saved value model must be the RM itself, which proves where it started
+    out = run(workdir / "value_from_rm", "--dataset_path", prompts_file, reward_model_path=same_tokenizer_rm,
+              value_learning_rate=0.0, weight_decay=0.0, report_to="tensorboard")
+    assert list((out / "runs").rglob("events.out.tfevents.*"))  # report_to reaches accelerate's tracker
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["value_model"]["init"] == "reward_model"
+    assert info["reward_normalization"] == "rm_stats"
+    assert info["reward"]["reward_stats"] == {"mean": 0.5, "std": 2.0}
+    rows = history(out)
+    # normalised = (raw − 0.5) / 2 with no penalty or clip configured
+    for row in rows:
+        assert row["reward/normalized"] == pytest.approx((row["reward/raw"] - 0.5) / 2.0, abs=1e-5)
+    saved = load_file(out / "value_model" / "model.safetensors")
+    original = load_file(Path(same_tokenizer_rm) / "model.safetensors")
+    assert saved.keys() == original.keys()
+    for key in original:
+        torch.testing.assert_close(saved[key], original[key])
+
+
+def test_reward_model_with_another_tokenizer_scores_the_rerendered_conversation(workdir, other_tokenizer_rm):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    reward = ppo_train.ModelReward(other_tokenizer_rm, ModelArguments(model_name_or_path="unused"))
+    prompts = [[{"role": "user", "content": "describe a cat"}], [{"role": "user", "content": "write a poem"}]]
+    responses = ["a warm happy cat", "the sea is dark"]
+    scores = reward(prompts, responses)
+
+    tokenizer = AutoTokenizer.from_pretrained(other_tokenizer_rm)
+    model = AutoModelForSequenceClassification.from_pretrained(other_tokenizer_rm).eval()
+    for prompt, response, score in zip(prompts, responses, scores):
+        ids = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=True,
+                                            return_dict=True)["input_ids"]
+        assert "Assistant: " + response in tokenizer.decode(ids)  # the RM's template, not the policy's ChatML
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0, 0].item()
+        assert score == pytest.approx(expected, abs=1e-5)
+    assert scores[0] != pytest.approx(scores[1])
+
+
+def test_ppo_with_a_reward_model_of_another_tokenizer(workdir, prompts_file, other_tokenizer_rm):
+    with pytest.raises(UserError, match="share the policy's tokenizer"):
+        run(workdir / "bad_value", "--dataset_path", prompts_file, reward_model_path=other_tokenizer_rm,
+            value_model_init="reward_model")
+    out = run(workdir / "other_rm", "--dataset_path", prompts_file, reward_model_path=other_tokenizer_rm,
+              missing_eos_penalty=1.0)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["value_model"]["init"] == "policy"  # auto: the RM cannot read the policy's tokens
+    assert info["reward_normalization"] == "rm_stats"
+    rows = history(out)
+    for row in rows:  # (raw + 1) / 0.5, minus 1 for each response cut at max_new_tokens
+        expected = (row["reward/raw"] + 1.0) / 0.5 - (1.0 - row["response/eos_fraction"])
+        assert row["reward/normalized"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_lora_policy_and_value_with_gradient_checkpointing(workdir, prompts_file, same_tokenizer_rm):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    out = run(workdir / "lora", "--dataset_path", prompts_file, reward_model_path=same_tokenizer_rm, use_peft="true",
+              lora_r=4, lora_alpha=8, lora_dropout=0.0, gradient_checkpointing="true")
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["reference_model"] == "policy with LoRA disabled"  # no second copy of the weights
+    assert info["value_model"]["init"] == "reward_model"
+    assert not (out / "adapter_model.safetensors").exists()  # merged into plain weights
+    policy = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(materialize("tiny-random-llama"))
+    changed = [name for name, p in policy.named_parameters() if not torch.equal(p, base.state_dict()[name])]
+    assert changed and all("proj" in name for name in changed)  # LoRA targets (all-linear) moved, nothing else
+    AutoModelForSequenceClassification.from_pretrained(out / "value_model")
+    rows = history(out)
+    assert rows[0]["kl/k1"] == pytest.approx(0.0, abs=1e-5)  # first rollout: policy == reference exactly
+    # args.yaml reruns the same configuration
+    script_args, model_args, training_args = parse_args(TYPES, ["--config", str(out / "args.yaml")])
+    assert model_args.use_peft and training_args.gradient_checkpointing
+    assert script_args.reward_model_path == same_tokenizer_rm
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resume
+# ---------------------------------------------------------------------------------------------------------------
+def test_resume_after_a_crash_continues_from_the_saved_step(workdir, prompts_file, monkeypatch):
+    from safetensors.torch import load_file
+
+    flags = dict(max_steps=4, save_steps=2, save_strategy="steps", kl_target=1.0, kl_horizon=50)
+    reference = run(workdir / "uninterrupted", "--dataset_path", prompts_file, reward_fn=REWARD_FN, **flags)
+
+    real_update, calls = ppo_train.ppo_update, []
+
+    def crash_on_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(ppo_train, "ppo_update", crash_on_third_step)
+    out = workdir / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        run(out, "--dataset_path", prompts_file, reward_fn=REWARD_FN, **flags)
+    partial = Path(f"{out}.partial")
+    assert sorted(p.name for p in (partial / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert not out.exists()
+    with pytest.raises(UserError, match="resume_from_checkpoint"):  # a plain rerun must not silently start over
+        run(out, "--dataset_path", prompts_file, reward_fn=REWARD_FN, **flags)
+
+    monkeypatch.setattr(ppo_train, "ppo_update", real_update)
+    run(out, "--dataset_path", prompts_file, reward_fn=REWARD_FN, resume_from_checkpoint="true", **flags)
+    resumed_rows, reference_rows = history(out), history(reference)
+    assert [row["step"] for row in resumed_rows] == [1, 2, 3, 4]
+    for got, want in zip(resumed_rows, reference_rows):  # same samples, same updates, same KL coefficient
+        for key in want:
+            if not key.startswith("time/"):
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (got["step"], key)
+    assert reference_rows[-1]["kl/coef"] != reference_rows[0]["kl/coef"]  # the adaptive state really moved
+    got, want = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
+    info = json.loads((out / "run_info.json").read_text())
+    ref_info = json.loads((reference / "run_info.json").read_text())
+    assert info["kl_controller"]["value"] == pytest.approx(ref_info["kl_controller"]["value"])
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_from_the_command_line(workdir, prompts_file):
+    """The real thing: kill -9 the process after a checkpoint, rerun with --resume_from_checkpoint true."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = workdir / "killed"
+    base = [sys.executable, str(ROOT / "ppo_train.py"), "--model_name_or_path", "tiny-random-llama",
+            "--dataset_path", prompts_file, "--reward_fn", REWARD_FN, "--output_dir", str(out),
+            "--rollout_batch_size", "4", "--per_device_train_batch_size", "4", "--max_new_tokens", "8",
+            "--ppo_epochs", "1", "--learning_rate", "1e-3", "--save_steps", "2", "--save_total_limit", "1",
+            "--disable_tqdm", "true", "--report_to", "none"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    checkpoints = Path(f"{out}.partial") / "checkpoints"
+    process = subprocess.Popen(base + ["--max_steps", "100000"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(checkpoints.glob("checkpoint-*")):
+            time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    saved = [int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")]
+    assert saved, "no checkpoint written before the kill"
+    last = max(saved)
+    resumed = subprocess.run(base + ["--max_steps", str(last + 2), "--resume_from_checkpoint", "true"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"at step {last}" in resumed.stderr
+    assert [row["step"] for row in history(out)] == list(range(1, last + 3))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line and errors
+# ---------------------------------------------------------------------------------------------------------------
+def test_help_lists_the_ppo_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(ppo_train.main, TYPES, ["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--advantage_estimator", "--kl_estimator", "--missing_eos_penalty", "--reward_fn",
+                 "--value_model_init", "--use_peft", "--resume_from_checkpoint"):
+        assert flag in text
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs" / "recipes" / "ppo").glob("*.yaml")), ids=lambda p: p.name)
+def test_recipes_parse(recipe):
+    argv = ["--config", str(recipe), "--bf16", "false"]  # bf16 is for GPUs; the rest must parse as written
+    if "reward_model_path" not in recipe.read_text():
+        argv += ["--reward_fn", REWARD_FN]
+    script_args, _, training_args = parse_args(TYPES, argv)
+    assert script_args.dataset_path and training_args.output_dir
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--reward_fn", REWARD_FN, "--reward_model_path", "x"], "exactly one reward source"),
+        (["--reward_fn", REWARD_FN, "--advantage_estimator", "grpo"], "num_samples_per_prompt"),
+        (["--reward_fn", REWARD_FN, "--kl_estimator", "k7"], "kl_estimator"),
+        (["--reward_fn", REWARD_FN, "--rollout_batch_size", "3", "--per_device_train_batch_size", "2"], "minibatches"),
+        (["--reward_fn", REWARD_FN, "--use_vllm", "true"], "use_vllm"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(argv, message):
+    with pytest.raises(UserError, match=message):
+        parse_args(TYPES, ["--output_dir", "x", "--dataset_path", "p.jsonl", *argv])
+
+
+def test_bad_reward_functions(workdir, prompts_file):
+    with pytest.raises(UserError, match="has no attribute 'nope'"):
+        run(workdir / "bad1", "--dataset_path", prompts_file, reward_fn=f"{__file__}:nope")
+    with pytest.raises(UserError, match="cannot import"):
+        run(workdir / "bad2", "--dataset_path", prompts_file, reward_fn="no_such_module_xyz:f")
+    with pytest.raises(UserError, match="returned 1 scores for 4 responses"):
+        run(workdir / "bad3", "--dataset_path", prompts_file, reward_fn=f"{__file__}:wrong_length_reward")
+
+
+def test_prompt_order_is_a_function_of_the_step():
+    first_pass = [i for step in range(3) for i in ppo_train.prompt_positions(step, 4, 12, seed=7)]
+    assert sorted(first_pass) == list(range(12))  # one pass visits every prompt once
+    assert ppo_train.prompt_positions(5, 4, 12, seed=7) == ppo_train.prompt_positions(5, 4, 12, seed=7)
+    assert ppo_train.prompt_positions(3, 4, 12, seed=7) != ppo_train.prompt_positions(0, 4, 12, seed=7)
+    assert len(ppo_train.prompt_positions(0, 5, 3, seed=0)) == 5  # fewer prompts than a step needs: wraps

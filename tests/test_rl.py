@@ -1,0 +1,231 @@
+"""rlhfkit.rl against values computed by hand (the arithmetic is spelled out beside each expectation)."""
+
+import math
+
+import pytest
+import torch
+
+from rlhfkit import rl
+
+EOS = 2
+
+
+def close(actual, expected, atol=1e-5):
+    actual, expected = torch.as_tensor(actual, dtype=torch.float32), torch.as_tensor(expected, dtype=torch.float32)
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# masks
+# ---------------------------------------------------------------------------------------------------------------
+def test_response_mask_stops_at_first_eos_and_ignores_what_follows():
+    ids = torch.tensor(
+        [
+            [5, 7, EOS, 9, EOS],  # EOS generated at index 2; what follows is padding
+            [5, 6, 7, 8, 9],  # no EOS: truncated at max_new_tokens, all 5 count
+            [3, 3, 3, 3, 3],  # generated only 3 tokens, the rest is padding that happens to be a real id
+            [EOS, 4, 4, 4, 4],  # stopped immediately: only the EOS counts
+        ]
+    )
+    mask, has_stop = rl.response_mask(ids, [EOS], lengths=torch.tensor([5, 5, 3, 5]))
+    close(mask, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    assert has_stop.tolist() == [True, False, False, True]
+    assert rl.last_token_index(mask).tolist() == [2, 4, 2, 0]
+
+
+def test_response_mask_any_of_several_stop_ids():
+    mask, has_stop = rl.response_mask(torch.tensor([[4, 8, 6, 7]]), [7, 8])
+    close(mask, [[1, 1, 0, 0]])
+    assert has_stop.tolist() == [True]
+
+
+def test_masked_statistics_ignore_padding():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    close(rl.masked_mean(values, mask), 2.0)
+    close(rl.masked_var(values, mask), 1.0)  # ((−1)² + 0² + 1²) / (3 − 1)
+    close(rl.masked_whiten(values, mask), [[-1.0, 0.0, 1.0, 0.0]], atol=1e-4)
+    close(rl.masked_whiten(values, mask, shift_mean=False), [[1.0, 2.0, 3.0, 0.0]], atol=1e-4)  # −1+2, 0+2, 1+2
+    close(rl.masked_mean(values, torch.zeros_like(mask)), 0.0)  # an empty mask is 0, not NaN
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# log-probs, entropy, KL
+# ---------------------------------------------------------------------------------------------------------------
+def test_entropy_and_logprobs_from_logits():
+    logits = torch.tensor([[[0.0, math.log(3.0)], [5.0, 5.0]]])  # p = (1/4, 3/4) and (1/2, 1/2)
+    expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))  # 0.5623
+    close(rl.entropy_from_logits(logits), [[expected, math.log(2.0)]])
+    close(rl.logprobs_from_logits(logits, torch.tensor([[1, 0]])), [[math.log(0.75), math.log(0.5)]])
+
+
+def test_kl_estimators_match_hand_values():
+    logprobs = torch.tensor([math.log(0.5), math.log(0.2)])
+    ref = torch.tensor([math.log(0.25), math.log(0.2)])
+    # k1 = log(0.5/0.25) = ln 2; k2 = ½ ln²2; k3 = (r − 1) − ln r with r = 0.25/0.5 → −0.5 + ln 2 = 0.193147
+    close(rl.kl_per_token(logprobs, ref, "k1"), [math.log(2), 0.0])
+    close(rl.kl_per_token(logprobs, ref, "k2"), [0.5 * math.log(2) ** 2, 0.0])
+    close(rl.kl_per_token(logprobs, ref, "k3"), [-0.5 + math.log(2), 0.0])
+    with pytest.raises(ValueError):
+        rl.kl_per_token(logprobs, ref, "k9")
+
+
+def test_k3_is_nonnegative_and_unbiased_in_expectation():
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(6), 0)
+    q = torch.softmax(torch.randn(6), 0)
+    exact = (p * (p.log() - q.log())).sum()
+    # expectation under p of the per-sample estimates, computed exactly over the 6 outcomes
+    k1 = (p * rl.kl_per_token(p.log(), q.log(), "k1")).sum()
+    k3_each = rl.kl_per_token(p.log(), q.log(), "k3")
+    assert (k3_each >= 0).all()
+    close(k1, exact)
+    close((p * k3_each).sum(), exact)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rewards
+# ---------------------------------------------------------------------------------------------------------------
+def test_reward_lands_on_the_last_response_token():
+    ids = torch.tensor([[5, 7, EOS, 9, 9], [5, 6, 7, 8, 9]])
+    mask, _ = rl.response_mask(ids, [EOS])
+    rewards, kl_rewards = rl.token_rewards(torch.tensor([2.0, 3.0]), torch.zeros(2, 5), mask, kl_coef=0.1)
+    # row 0: on the EOS (index 2), not on index 3 (first padding) nor 1; row 1 (truncated): on index 4
+    close(rewards, [[0, 0, 2.0, 0, 0], [0, 0, 0, 0, 3.0]])
+    close(kl_rewards, torch.zeros(2, 5))
+
+
+def test_token_rewards_kl_penalty_only_on_response_tokens():
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    kl = torch.tensor([[0.5, -0.25, 7.0]])  # 7.0 sits on padding
+    rewards, kl_rewards = rl.token_rewards(torch.tensor([1.0]), kl, mask, kl_coef=0.2)
+    close(kl_rewards, [[-0.1, 0.05, 0.0]])
+    close(rewards, [[-0.1, 1.05, 0.0]])
+    close(rl.sequence_rewards(torch.tensor([1.0]), kl, mask, 0.2), [1.0 - 0.2 * 0.25])
+
+
+def test_shape_scores_normalise_then_penalise_then_clip():
+    raw = torch.tensor([1.0, 3.0])
+    has_stop = torch.tensor([True, False])
+    close(rl.shape_scores(raw, has_stop, mean=1.0, std=2.0), [0.0, 1.0])
+    close(rl.shape_scores(raw, has_stop, mean=1.0, std=2.0, missing_eos_penalty=0.5), [0.0, 0.5])
+    close(rl.shape_scores(raw, has_stop, mean=1.0, std=2.0, missing_eos_penalty=0.5, clip=0.25), [0.0, 0.25])
+    close(rl.shape_scores(raw, has_stop), [1.0, 3.0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# advantages
+# ---------------------------------------------------------------------------------------------------------------
+def test_gae_matches_hand_computation_and_ignores_padding():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 5.0]])  # 5.0 and 9.0 sit on padding and must not leak
+    values = torch.tensor([[0.5, 0.4, 0.3, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    advantages, returns = rl.gae_advantages(rewards, values, mask, gamma=0.9, lam=0.8)
+    # t=2: δ = 1 + 0.9·0 − 0.3 = 0.7                       A2 = 0.7
+    # t=1: δ = 0 + 0.9·0.3 − 0.4 = −0.13                    A1 = −0.13 + 0.72·0.7 = 0.374
+    # t=0: δ = 0 + 0.9·0.4 − 0.5 = −0.14                    A0 = −0.14 + 0.72·0.374 = 0.12928
+    close(advantages, [[0.12928, 0.374, 0.7, 0.0]])
+    close(returns, [[0.62928, 0.774, 1.0, 0.0]])
+
+
+def test_gae_with_gamma_lam_one_is_return_minus_value():
+    rewards = torch.tensor([[0.1, -0.2, 2.0]])
+    values = torch.tensor([[0.3, 0.6, 0.9]])
+    mask = torch.ones(1, 3)
+    advantages, returns = rl.gae_advantages(rewards, values, mask, gamma=1.0, lam=1.0)
+    close(returns, [[1.9, 1.8, 2.0]])  # undiscounted reward-to-go
+    close(advantages, [[1.6, 1.2, 1.1]])
+
+
+def test_discounted_returns_and_reinforce_pp():
+    rewards = torch.tensor([[1.0, 2.0, 4.0], [0.0, 3.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    returns = rl.discounted_returns(rewards, mask, gamma=0.5)
+    close(returns, [[2.0, 2.0, 0.0], [1.5, 3.0, 0.0]])  # 1 + 0.5·2; 0 + 0.5·3
+    advantages = rl.reinforce_pp_advantages(rewards, mask, gamma=0.5)
+    counted = torch.tensor([2.0, 2.0, 1.5, 3.0, 0.0])  # mean 1.7; var (.09+.09+.04+1.69+2.89)/4 = 1.2
+    close(advantages[mask.bool()], (counted - 1.7) / math.sqrt(1.2), atol=1e-4)
+    assert advantages[0, 2] == 0
+
+
+def test_rloo_and_grpo_group_baselines():
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 4.0, 4.0])  # two prompts, K=3, prompt-major
+    # leave-one-out baselines of group 1: (2+3)/2, (1+3)/2, (1+2)/2
+    close(rl.rloo_advantages(scores, 3), [-1.5, 0.0, 1.5, 0.0, 0.0, 0.0])
+    # group 1: mean 2, std 1; group 2: std 0 → 0 / eps = 0
+    close(rl.grpo_advantages(scores, 3), [-1 / 1.0001, 0.0, 1 / 1.0001, 0.0, 0.0, 0.0])
+    close(rl.grpo_advantages(scores, 3, scale=False), [-1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError):
+        rl.rloo_advantages(scores, 4)
+    with pytest.raises(ValueError):
+        rl.grpo_advantages(scores, 1)
+    close(rl.broadcast_to_tokens(torch.tensor([2.0, -1.0]), torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])),
+          [[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# losses
+# ---------------------------------------------------------------------------------------------------------------
+def test_policy_loss_clipping_by_hand():
+    old = torch.zeros(1, 4)
+    logprobs = torch.log(torch.tensor([[1.5, 0.5, 1.0, 30.0]])).requires_grad_()
+    advantages = torch.tensor([[1.0, 1.0, -2.0, 50.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    loss, metrics = rl.policy_loss(logprobs, old, advantages, mask, clip_range=0.2)
+    # tok 0: ρ=1.5, A=1 → max(−1.5, −1.2) = −1.2 (clipped); tok 1: ρ=0.5, A=1 → max(−0.5, −0.8) = −0.5;
+    # tok 2: ρ=1, A=−2 → 2; tok 3 is padding. mean = (−1.2 − 0.5 + 2) / 3 = 0.1
+    close(loss, 0.1)
+    close(metrics["clipfrac"], 1 / 3)
+    close(metrics["approx_kl"], 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 3)
+    close(metrics["ratio"], 1.0)
+    loss.backward()
+    # the clipped token and the padding token get no gradient; tok 1: d(−A·ρ)/dlogπ = −A·ρ/3 = −0.5/3
+    close(logprobs.grad, [[0.0, -0.5 / 3, 2.0 / 3, 0.0]])
+
+
+def test_value_loss_clipping_by_hand():
+    values = torch.tensor([[1.0, 0.0, 42.0]], requires_grad=True)
+    old_values = torch.tensor([[0.5, 0.5, 0.0]])
+    returns = torch.tensor([[2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, metrics = rl.value_loss(values, old_values, returns, mask, clip_range=0.2)
+    # tok 0: (1−2)² = 1 vs (0.7−2)² = 1.69 → 1.69; tok 1: 0 vs (0.3−0)² = 0.09 → 0.09; ½·mean = 0.445
+    close(loss, 0.445)
+    close(metrics["vf_clipfrac"], 1.0)
+    unclipped, _ = rl.value_loss(values, old_values, returns, mask, clip_range=None)
+    close(unclipped, 0.5 * (1.0 + 0.0) / 2)
+
+
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    close(rl.explained_variance(returns.clone(), returns, mask), 1.0)
+    close(rl.explained_variance(torch.full_like(returns, 2.0), returns, mask), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# controllers
+# ---------------------------------------------------------------------------------------------------------------
+def test_adaptive_kl_controller_and_state_round_trip():
+    controller = rl.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    controller.update(current_kl=12.0, n_steps=256)  # error clipped to +0.2 → ×(1 + 0.2·256/10000)
+    close(controller.value, 0.1 * 1.00512)
+    controller.update(current_kl=5.4, n_steps=1000)  # error −0.1 → ×(1 − 0.01)
+    close(controller.value, 0.1 * 1.00512 * 0.99)
+    restored = rl.AdaptiveKLController(1.0, target=1.0, horizon=1)
+    restored.load_state_dict(controller.state_dict())
+    assert restored.state_dict() == controller.state_dict()
+    fixed = rl.FixedKLController(0.05)
+    fixed.update(100.0, 10)
+    assert fixed.value == 0.05
+
+
+def test_running_moments_merge_batches():
+    moments = rl.RunningMoments()
+    moments.update(torch.tensor([1.0, 2.0]))
+    moments.update(torch.tensor([3.0, 4.0, 5.0]))
+    close(moments.mean, 3.0)
+    close(moments.std, math.sqrt(2.0))  # population std of 1..5
+    copy = rl.RunningMoments()
+    copy.load_state_dict(moments.state_dict())
+    assert copy.state_dict() == moments.state_dict()
