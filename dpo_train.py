@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig, DPOTrainer
 
-from rlhfkit.args import ModelArguments, TrainingDefaults
+from rlhfkit.args import ModelArguments, PreferenceDataArguments, TrainingDefaults
 from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.errors import UserError
 
@@ -42,25 +42,10 @@ logger = logging.getLogger("dpo_train")
 
 
 @dataclass
-class ScriptArguments:
-    dataset_path: list[str] = field(
-        default=None,
-        metadata={"help": "Preference data: files (.jsonl/.jsonl.gz/.json/.parquet), dirs or hub names; "
-                  "'path:N' takes N rows, 'path:0.3' a fraction."},
-    )
-    eval_dataset_path: list[str] = field(default=None, metadata={"help": "Separate held-out preference data."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to read from hub datasets / save_to_disk dirs."})
-    validation_split_percentage: float = field(
-        default=0.0, metadata={"help": "Hold out this percentage of --dataset_path for evaluation (ignored with --eval_dataset_path)."}
-    )
-    skip_invalid_rows: bool = field(default=False, metadata={"help": "Skip (and count) malformed rows instead of failing."})
+class ScriptArguments(PreferenceDataArguments):
     ref_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Reference model (dir or built-in name); default: --model_name_or_path."}
     )
-
-    def __post_init__(self):
-        if not self.dataset_path:
-            raise ValueError("--dataset_path is required")
 
 
 @dataclass
@@ -77,14 +62,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     from rlhfkit.models import (ensure_pad_token, load_causal_lm, load_tokenizer, match_vocabulary, peft_config,
                                 resolve_model)
 
-    stage = StageOutput(
-        training_args.output_dir, "dpo",
-        overwrite=model_args.overwrite_output_dir,
-        resume=training_args.resume_from_checkpoint not in (None, "", "false", "False", "no"),
-    )
-    resume_from = stage.resolve_resume(training_args.resume_from_checkpoint)
-    final_output_dir = training_args.output_dir
-    training_args.output_dir = str(stage.checkpoints)  # Trainer checkpoints live inside OUT.partial/
+    stage, resume_from, final_output_dir = StageOutput.for_trainer(training_args, "dpo",
+                                                                   overwrite=model_args.overwrite_output_dir)
     arguments = to_dict(script_args, model_args, training_args) | {"output_dir": final_output_dir}
     setup_logging(training_args.process_index == 0)
 

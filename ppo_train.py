@@ -64,6 +64,7 @@ from transformers import TrainingArguments
 from rlhfkit import rl
 from rlhfkit.args import ModelArguments
 from rlhfkit.checkpoints import StageOutput, parent_record
+from rlhfkit.checkpoints import resume_requested as checkpoint_resume_requested
 from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.errors import UserError
 from rlhfkit.ppo import (
@@ -250,7 +251,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         raise UserError("--dataset_path is required (a prompt set)")
     mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
     setup_logging(PartialState().is_main_process)
-    resume_requested = args.resume_from_checkpoint not in (None, "", "false", "False", "no")
+    resume_requested = checkpoint_resume_requested(args.resume_from_checkpoint)
     out = StageOutput(args.output_dir, "ppo", overwrite=model_args.overwrite_output_dir, resume=resume_requested)
     resume_dir = out.resolve_resume(args.resume_from_checkpoint)
     accelerator = Accelerator(

@@ -23,7 +23,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from rlhfkit.args import ModelArguments, TrainingDefaults
+from rlhfkit.args import ModelArguments, PreferenceDataArguments, TrainingDefaults
 from trl import RewardConfig
 
 from rlhfkit.cli import run_stage, setup_logging, to_dict
@@ -34,23 +34,12 @@ logger = logging.getLogger("rm_train")
 
 
 @dataclass
-class ScriptArguments:
-    dataset_path: list[str] = field(
-        default=None,
-        metadata={"help": "Preference data: files (.jsonl/.jsonl.gz/.json/.parquet), dirs or hub names; "
-                  "'path:N' takes N rows, 'path:0.3' a fraction."},
-    )
-    eval_dataset_path: list[str] = field(default=None, metadata={"help": "Separate held-out preference data."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to read from hub datasets / save_to_disk dirs."})
-    validation_split_percentage: float = field(
-        default=0.0, metadata={"help": "Hold out this percentage of --dataset_path for evaluation (ignored with --eval_dataset_path)."}
-    )
+class ScriptArguments(PreferenceDataArguments):
     truncation: str = field(
         default="left_prompt",
         metadata={"help": "Pairs longer than --max_length: 'left_prompt' cuts the prompt from the left and keeps both "
                   "responses whole; 'drop' drops the pair. Both are counted and reported."},
     )
-    skip_invalid_rows: bool = field(default=False, metadata={"help": "Skip (and count) malformed rows instead of failing."})
     objective: str = field(default="bt", metadata={"help": "bt | multitask | more (multi-objective; needs a 'source' per row)."})
     alpha: float = field(default=0.99, metadata={"help": "MORE: weight of the current step's per-source head gradient "
                          "in its running average (1 = no momentum; see rlhfkit/more.py)."})
@@ -60,6 +49,7 @@ class ScriptArguments:
     )
 
     def __post_init__(self):
+        super().__post_init__()
         if self.truncation not in ("left_prompt", "drop"):
             raise ValueError(f"--truncation must be left_prompt or drop, not '{self.truncation}'")
         if self.objective not in ("bt", "multitask", "more"):
@@ -104,8 +94,6 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
                                 reward_head_names)
     from rlhfkit.reward_trainer import RewardModelTrainer
 
-    if not script_args.dataset_path:
-        raise UserError("--dataset_path is required")
     StageOutput.check_free(training_args.output_dir, model_args.overwrite_output_dir)
     setup_logging(training_args.process_index == 0)
 
@@ -144,11 +132,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
     # ---------------------------------------------------------------- train
     # the staging dir appears only now, so bad input above leaves nothing behind
-    output = StageOutput(training_args.output_dir, stage="rm", overwrite=model_args.overwrite_output_dir,
-                         resume=training_args.resume_from_checkpoint not in (None, "", "false", "False"))
-    resume_from = output.resolve_resume(training_args.resume_from_checkpoint)
-    final_dir = training_args.output_dir
-    training_args.output_dir = str(output.checkpoints)
+    output, resume_from, final_dir = StageOutput.for_trainer(training_args, "rm", overwrite=model_args.overwrite_output_dir)
     trainer_cls, extra = RewardModelTrainer, {}
     if script_args.objective != "bt":
         from rlhfkit.more import trainer_class

@@ -89,14 +89,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     from rlhfkit.models import ensure_pad_token, load_causal_lm, load_tokenizer, peft_config, resolve_model
     from rlhfkit.sft_data import load_sft
 
-    stage = StageOutput(
-        training_args.output_dir, "sft",
-        overwrite=model_args.overwrite_output_dir,
-        resume=training_args.resume_from_checkpoint not in (None, "", "false", "False", "no"),
-    )
-    resume_from = stage.resolve_resume(training_args.resume_from_checkpoint)
-    final_output_dir = training_args.output_dir
-    training_args.output_dir = str(stage.checkpoints)  # Trainer checkpoints live inside OUT.partial/
+    stage, resume_from, final_output_dir = StageOutput.for_trainer(training_args, "sft",
+                                                                   overwrite=model_args.overwrite_output_dir)
     arguments = to_dict(script_args, model_args, training_args) | {"output_dir": final_output_dir}
     setup_logging(training_args.process_index == 0)
 

@@ -6,6 +6,29 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class PreferenceDataArguments:
+    """Where preference pairs come from (rm_train.py, dpo_train.py): read by `rlhfkit.data.load_preferences`."""
+
+    dataset_path: list[str] = field(
+        default=None,
+        metadata={"help": "Preference data: files (.jsonl/.jsonl.gz/.json/.parquet), dirs or hub names; "
+                  "'path:N' takes N rows, 'path:0.3' a fraction."},
+    )
+    eval_dataset_path: list[str] = field(default=None, metadata={"help": "Separate held-out preference data."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to read from hub datasets / save_to_disk dirs."})
+    validation_split_percentage: float = field(
+        default=0.0, metadata={"help": "Hold out this percentage of --dataset_path for evaluation (ignored with --eval_dataset_path)."}
+    )
+    skip_invalid_rows: bool = field(default=False, metadata={"help": "Skip (and count) malformed rows instead of failing."})
+
+    def __post_init__(self):
+        if not self.dataset_path:
+            raise ValueError("--dataset_path is required")
+        if not 0 <= self.validation_split_percentage < 100:
+            raise ValueError("--validation_split_percentage must be in [0, 100)")
+
+
+@dataclass
 class ModelArguments:
     """What to load and how: the backbone, its chat template, LoRA/QLoRA, attention kernel, dtype.
 

@@ -150,6 +150,11 @@ def _wait_for_everyone() -> None:
         pass
 
 
+def resume_requested(value) -> bool:
+    """Whether a `--resume_from_checkpoint` value (true/false/a path) asks to resume."""
+    return value not in (None, "", "false", "False", "no", False)
+
+
 class StageOutput:
     """Where a stage writes. Create it before training; call `finalize` after the weights are saved.
 
@@ -188,6 +193,17 @@ class StageOutput:
             )
         _wait_for_everyone()
 
+    @classmethod
+    def for_trainer(cls, training_args, stage: str, overwrite: bool = False) -> tuple["StageOutput", str | None, str]:
+        """Set up a HF-Trainer stage: staging dir, the checkpoint to resume from, Trainer checkpoints redirected into
+        `OUT.partial/checkpoints/`. Returns (output, resume_from, the final output dir as the user gave it)."""
+        final_output_dir = training_args.output_dir
+        output = cls(final_output_dir, stage, overwrite=overwrite,
+                     resume=resume_requested(training_args.resume_from_checkpoint))
+        resume_from = output.resolve_resume(training_args.resume_from_checkpoint)
+        training_args.output_dir = str(output.checkpoints)
+        return output, resume_from, final_output_dir
+
     def last_checkpoint(self) -> str | None:
         """The `checkpoint-N` with the largest N under the staging dir, as HF Trainer names them."""
         if not self.checkpoints.is_dir():
@@ -201,7 +217,7 @@ class StageOutput:
 
     def resolve_resume(self, resume_from_checkpoint: str | None) -> str | None:
         """Map the user's `--resume_from_checkpoint` (true/false/path) onto a checkpoint dir or None."""
-        if resume_from_checkpoint in (None, "", "false", "False", "no"):
+        if not resume_requested(resume_from_checkpoint):
             return None
         if resume_from_checkpoint in ("true", "True", "yes", "last"):
             last = self.last_checkpoint()
