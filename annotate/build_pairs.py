@@ -171,16 +171,20 @@ def write_pairs_and_stats(directory: Path, rows: list[dict], args: PairArguments
     return metrics
 
 
+def _num(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 def format_report(metrics: dict) -> str:
     stats = metrics["reward"]
     lines = [
         f"rewards: {stats['responses']} responses over {stats.get('prompts', 0)} prompts",
         "  mean {mean:.4f}  std {std:.4f}  min {min:.4f}  p25 {p25:.4f}  median {median:.4f}  p75 {p75:.4f}  "
         "max {max:.4f}".format(**stats) if stats["responses"] else "  (none)",
-        f"  mean within-prompt spread (max-min): {stats.get('mean_spread')}; prompts with all rewards tied: "
+        f"  mean within-prompt spread (max-min): {_num(stats.get('mean_spread'))}; prompts with all rewards tied: "
         f"{stats.get('all_tied_prompts')}",
         f"pairs ({metrics['pair_strategy']}, min_margin {metrics['min_margin']}): {metrics['pairs']} kept, dropped "
-        f"{json.dumps(metrics['pairs_dropped'])}; mean margin {metrics['mean_margin']}",
+        f"{json.dumps(metrics['pairs_dropped'])}; mean margin {_num(metrics['mean_margin'])}",
         f"best-of-K SFT rows: {metrics['sft_rows']} kept, dropped {json.dumps(metrics['sft_dropped'])}",
     ]
     return "\n".join(lines)
