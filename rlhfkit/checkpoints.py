@@ -212,8 +212,14 @@ class StageOutput:
         steps = []
         for entry in self.checkpoints.iterdir():
             match = re.fullmatch(r"checkpoint-(\d+)", entry.name)
-            if match and entry.is_dir() and any(entry.iterdir()):
+            if not (match and entry.is_dir()):
+                continue
+            # Trainer writes trainer_state.json after the weights and optimizer: a checkpoint without it was cut
+            # short by the kill, and resuming from it fails, so fall back to the one before
+            if (entry / "trainer_state.json").is_file():
                 steps.append((int(match.group(1)), entry))
+            else:
+                logger.warning("%s is incomplete (interrupted while saving); not resuming from it", entry)
         return str(max(steps)[1]) if steps else None
 
     def resolve_resume(self, resume_from_checkpoint: str | None) -> str | None:

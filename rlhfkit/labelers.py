@@ -132,15 +132,15 @@ class CheckedLabeler:
         return scores
 
 
-def _import_object(spec: str) -> Any:
+def _import_object(spec: str, flag: str = "--labeler") -> Any:
     """`package.module:name` or `path/to/file.py:name` → the object."""
     module_part, _, attr = spec.rpartition(":")
     if not module_part or not attr:
-        raise UserError(f"--labeler '{spec}': expected a built-in name ({', '.join(BUILTIN_LABELERS)}), "
+        raise UserError(f"{flag} '{spec}': expected a built-in name ({', '.join(BUILTIN_LABELERS)}), "
                         f"a reward-model directory, or 'module:function'")
     if module_part.endswith(".py"):
         if not os.path.isfile(module_part):
-            raise UserError(f"--labeler '{spec}': file {module_part} not found")
+            raise UserError(f"{flag} '{spec}': file {module_part} not found")
         module_name = f"rlhfkit_user_labeler_{Path(module_part).stem}"
         loader_spec = importlib.util.spec_from_file_location(module_name, module_part)
         module = importlib.util.module_from_spec(loader_spec)
@@ -149,20 +149,21 @@ def _import_object(spec: str) -> Any:
         try:
             module = importlib.import_module(module_part)
         except ImportError as exc:
-            raise UserError(f"--labeler '{spec}': cannot import module '{module_part}' ({exc})") from None
+            raise UserError(f"{flag} '{spec}': cannot import module '{module_part}' ({exc})") from None
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise UserError(f"--labeler '{spec}': module '{module_part}' has no attribute '{attr}'") from None
+        raise UserError(f"{flag} '{spec}': module '{module_part}' has no attribute '{attr}'") from None
 
 
-def load_labeler(spec: str, **reward_model_kwargs) -> CheckedLabeler:
+def load_labeler(spec: str, flag: str = "--labeler", **reward_model_kwargs) -> CheckedLabeler:
     """A labeler from a built-in name, a reward-model directory or an import path (see the module docstring).
 
+    `flag` is the option the user typed (errors name it: `--labeler` in annotate/, `--reward_fn` in PPO).
     `reward_model_kwargs` (batch_size, max_length, device) apply to reward-model directories only.
     """
     if not spec:
-        raise UserError("--labeler is required (e.g. 'vader', a reward-model directory, or 'module:function')")
+        raise UserError(f"{flag} is required (e.g. 'vader', a reward-model directory, or 'module:function')")
     if spec in BUILTIN_LABELERS:
         labeler = BUILTIN_LABELERS[spec]()
         return CheckedLabeler(labeler, spec, labeler.info)
@@ -170,12 +171,12 @@ def load_labeler(spec: str, **reward_model_kwargs) -> CheckedLabeler:
         labeler = RewardModelLabeler(spec, **reward_model_kwargs)
         return CheckedLabeler(labeler, spec, labeler.info)
     if ":" not in spec:
-        raise UserError(f"--labeler '{spec}': not a built-in labeler ({', '.join(BUILTIN_LABELERS)}), "
+        raise UserError(f"{flag} '{spec}': not a built-in labeler ({', '.join(BUILTIN_LABELERS)}), "
                         f"not an existing directory, and not 'module:function'")
-    target = _import_object(spec)
+    target = _import_object(spec, flag)
     if isinstance(target, type):  # a class: instantiate it with no arguments
         target = target()
     if not callable(target):
-        raise UserError(f"--labeler '{spec}': {type(target).__name__} is not callable")
+        raise UserError(f"{flag} '{spec}': {type(target).__name__} is not callable")
     info = getattr(target, "info", None) or {"labeler": spec, "kind": "import"}
     return CheckedLabeler(target, spec, info)

@@ -43,7 +43,7 @@ class FunctionReward:
         from rlhfkit.labelers import load_labeler
 
         self.spec = spec
-        self.labeler = load_labeler(spec)
+        self.labeler = load_labeler(spec, flag="--reward_fn")
         self.stats = None
 
     def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:

@@ -53,7 +53,9 @@ def test_existing_output_needs_overwrite_and_leftover_checkpoints_need_resume(tm
         StageOutput(tmp_path / "run", stage="rm")
     again = StageOutput(tmp_path / "other", stage="rm")
     (again.checkpoints / "checkpoint-4").mkdir(parents=True)
-    (again.checkpoints / "checkpoint-4" / "x").write_text("1")
+    (again.checkpoints / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (again.checkpoints / "checkpoint-6").mkdir(parents=True)  # cut short by a kill: no trainer_state.json
+    (again.checkpoints / "checkpoint-6" / "model.safetensors").write_text("partial")
     with pytest.raises(UserError, match="--resume_from_checkpoint true"):
         StageOutput(tmp_path / "other", stage="rm")
     resumed = StageOutput(tmp_path / "other", stage="rm", resume=True)
