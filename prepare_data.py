@@ -165,7 +165,7 @@ def _sha256(path) -> str:
 
 def main(script_args: ScriptArguments) -> dict:
     """Build the dataset; returns the manifest (also written to OUTPUT_DIR/manifest.json)."""
-    # ---- setup ----
+    # ---------------------------------------------------------------- setup
     setup_logging()
     options = resolve_options(script_args.recipe, script_args.selection_overrides())
     keys = _sources_to_build(script_args)
@@ -181,7 +181,7 @@ def main(script_args: ScriptArguments) -> dict:
         raise UserError(f"{script_args.output_dir}: output dir already exists; pass --overwrite_output_dir true "
                         f"or choose another --output_dir")
 
-    # ---- data ----
+    # ---------------------------------------------------------------- data
     all_rows: list[dict] = []
     reports = {}
     for key in keys:
@@ -227,7 +227,7 @@ def main(script_args: ScriptArguments) -> dict:
     if not all_rows:
         raise UserError("no pairs left after the selection rules; see the counts above")
 
-    # ---- save ----
+    # ---------------------------------------------------------------- save
     output = StageOutput(script_args.output_dir, stage="prepare_data", overwrite=script_args.overwrite_output_dir)
     staging = output.staging
     write_jsonl_atomic(staging / PAIRS_FILE, all_rows)

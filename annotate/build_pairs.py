@@ -191,17 +191,17 @@ def format_report(metrics: dict) -> str:
 
 
 def main(args: ScriptArguments, pair_args: PairArguments) -> dict:
-    # ---- setup ----
+    # ---------------------------------------------------------------- setup
     from rlhfkit.checkpoints import StageOutput, fingerprint
 
     setup_logging()
     source = resolve_stage_file(args.dataset_path, REWARDS_FILE, "annotation")
     output = StageOutput(args.output_dir, "build_pairs", overwrite=args.overwrite_output_dir)
 
-    # ---- data ----
+    # ---------------------------------------------------------------- data
     rows = read_rows(source, need_rewards=True)
 
-    # ---- save ----
+    # ---------------------------------------------------------------- save
     metrics = write_pairs_and_stats(output.staging, rows, pair_args)
     run_info = {"dataset": {"paths": [os.path.abspath(source)], "fingerprint": fingerprint([r["id"] for r in rows])},
                 "outputs": {"pairs": PAIRS_FILE if pair_args.pair_strategy != "best_of_k" else None,

@@ -103,7 +103,7 @@ def score_rows(rows: list[dict], labeler, chunk_size: int, show_progress: bool =
 
 
 def main(args: ScriptArguments, pair_args: PairArguments) -> dict | None:
-    # ---- setup ----
+    # ---------------------------------------------------------------- setup
     from accelerate import PartialState
 
     from rlhfkit.checkpoints import StageOutput, fingerprint, read_run_info
@@ -115,21 +115,21 @@ def main(args: ScriptArguments, pair_args: PairArguments) -> dict | None:
     source = resolve_stage_file(args.dataset_path, "generations.jsonl", "generation")
     output = StageOutput(args.output_dir, "annotate", overwrite=args.overwrite_output_dir)
 
-    # ---- model & labeler ----
+    # ---------------------------------------------------------------- model & labeler
     if args.reward_model_path:
         labeler = _RewardModelScorer(args.reward_model_path, args, state)
     else:
         labeler = load_labeler(args.labeler)
     logger.info("scoring with %s", labeler.info)
 
-    # ---- data ----
+    # ---------------------------------------------------------------- data
     rows = read_rows(source, need_rewards=False)
     logger.info("%s: %d prompts, %d responses", source, len(rows), sum(len(r["responses"]) for r in rows))
 
-    # ---- score ----
+    # ---------------------------------------------------------------- score
     rewards = score_rows(rows, labeler, args.chunk_size, state.is_main_process)
 
-    # ---- save ----
+    # ---------------------------------------------------------------- save
     if not state.is_main_process:
         state.wait_for_everyone()
         return None

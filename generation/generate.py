@@ -135,7 +135,7 @@ def _check_resumed_rows(rows: list[dict], meta: dict, assigned_ids: set[str], pa
 
 def main(args: ScriptArguments) -> dict | None:
     """Generate this process's shard; merge and finalize the output dir when every shard is done here."""
-    # ---- setup ----
+    # ---------------------------------------------------------------- setup
     from accelerate import PartialState
 
     from rlhfkit.models import load_causal_lm, load_tokenizer, resolve_model
@@ -160,12 +160,12 @@ def main(args: ScriptArguments) -> dict | None:
     meta = run_meta(args, backend)
     output = StageOutput(args.output_dir, "generate", overwrite=args.overwrite_output_dir, resume=True)
 
-    # ---- model & tokenizer ----
+    # ---------------------------------------------------------------- model & tokenizer
     model_path, model_record = resolve_model(args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, args.chat_template, padding_side="left", trust_remote_code=args.trust_remote_code)
     stop_ids = stop_token_ids(tokenizer)
 
-    # ---- data ----
+    # ---------------------------------------------------------------- data
     prompts = load_prompts(args.dataset_path, split=args.dataset_split, max_prompts=args.max_prompts,
                            skip_invalid=args.skip_invalid_rows)
     indices = shards.assigned_indices(len(prompts), shard_index, world_size)
@@ -181,7 +181,7 @@ def main(args: ScriptArguments) -> dict | None:
     prompt_ids = {i: render_generation_prompt(tokenizer, prompts[i]["prompt"]) for i in pending}
     pending.sort(key=lambda i: -len(prompt_ids[i]))  # longest first: less padding, out-of-memory shows at once
 
-    # ---- generate ----
+    # ---------------------------------------------------------------- generate
     generator, model = None, None  # loaded only when there is work: rerunning a finished shard just merges
     if pending:
         if backend == "vllm":
@@ -245,7 +245,7 @@ def main(args: ScriptArguments) -> dict | None:
         "prompt_report": prompts.report,
     })
 
-    # ---- save ----
+    # ---------------------------------------------------------------- save
     state.wait_for_everyone()
     if world_size > 1 and state.num_processes == 1:
         logger.info("shard %d of %d done; merge with: python generation/merge_data.py --output_dir %s --world_size %d",

@@ -42,7 +42,7 @@ class ScriptArguments:
 
 
 def main(args: ScriptArguments) -> dict:
-    # ---- setup ----
+    # ---------------------------------------------------------------- setup
     from generation.generate import finalize
     from rlhfkit.checkpoints import PARTIAL_SUFFIX, StageOutput, read_run_info
     from rlhfkit.prompts import load_prompts
@@ -55,13 +55,13 @@ def main(args: ScriptArguments) -> dict:
             raise UserError(f"{args.output_dir}: already merged and complete")
         raise UserError(f"{staging}: no shards to merge (run generate.py with --output_dir {args.output_dir})")
 
-    # ---- data ----
+    # ---------------------------------------------------------------- data
     expected = None
     if args.dataset_path:
         expected = [row["id"] for row in load_prompts(args.dataset_path, split=args.dataset_split,
                                                        max_prompts=args.max_prompts)]
 
-    # ---- save ----
+    # ---------------------------------------------------------------- save
     output = StageOutput(args.output_dir, "generate", resume=True)
     return finalize(output, args.world_size, expected)
 
