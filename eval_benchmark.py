@@ -61,9 +61,9 @@ def main(script_args: ScriptArguments) -> dict:
     # ---------------------------------------------------------------- setup
     import torch
     import yaml
-    from accelerate import Accelerator
 
     from rlhfkit.data import load_preferences
+    from rlhfkit.distributed import new_accelerator
     from rlhfkit.models import (ensure_pad_token, load_causal_lm, load_reward_model, load_tokenizer, match_vocabulary,
                                 resolve_model)
     from rlhfkit.rewardbench import format_table, is_correct, is_rewardbench, rewardbench_summary, subset_accuracies
@@ -72,7 +72,7 @@ def main(script_args: ScriptArguments) -> dict:
     for flag in ("reward_name_or_path", "dataset_path", "record_dir"):
         if not getattr(script_args, flag):
             raise UserError(f"--{flag} is required")
-    accelerator = Accelerator()
+    accelerator = new_accelerator()
     setup_logging(accelerator.is_main_process)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[script_args.dtype]
 
@@ -128,6 +128,7 @@ def main(script_args: ScriptArguments) -> dict:
         "datasets": script_args.dataset_path,
         "data_report": data.report,
         "pairs": len(rows),
+        "processes": accelerator.num_processes,
         "accuracy": sum(correct) / len(correct),
         "ties": sum(c == r for c, r in zip(chosen_scores, rejected_scores)),
         "per_subset": per_subset,

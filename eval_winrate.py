@@ -240,7 +240,7 @@ def _display_name(path: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 def main(script_args: ScriptArguments) -> dict:
     # ---------------------------------------------------------------- setup
-    from accelerate import Accelerator
+    from rlhfkit.distributed import new_accelerator
 
     from rlhfkit.checkpoints import StageOutput, write_json_atomic, write_text_atomic
     from rlhfkit.judges import ApiJudge, RewardModelJudge
@@ -248,7 +248,7 @@ def main(script_args: ScriptArguments) -> dict:
     for flag in ("responses_a", "responses_b", "output_dir"):
         if not getattr(script_args, flag):
             raise UserError(f"--{flag} is required")
-    accelerator = Accelerator()
+    accelerator = new_accelerator()
     setup_logging(accelerator.is_main_process)
     output = StageOutput(script_args.output_dir, stage="eval_winrate", overwrite=script_args.overwrite_output_dir)
     name_a = script_args.name_a or _display_name(script_args.responses_a)

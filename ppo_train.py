@@ -235,7 +235,7 @@ class PPOConfig(TrainingArguments):
 # the stage
 # ---------------------------------------------------------------------------------------------------------------
 def main(script_args: ScriptArguments, model_args: ModelArguments, training_args: PPOConfig) -> Path:
-    from accelerate import Accelerator, PartialState
+    from rlhfkit.distributed import new_accelerator, partial_state
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -250,11 +250,11 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     if not script_args.dataset_path:
         raise UserError("--dataset_path is required (a prompt set)")
     mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
-    setup_logging(PartialState().is_main_process)
+    setup_logging(partial_state().is_main_process)
     resume_requested = checkpoint_resume_requested(args.resume_from_checkpoint)
     out = StageOutput(args.output_dir, "ppo", overwrite=model_args.overwrite_output_dir, resume=resume_requested)
     resume_dir = out.resolve_resume(args.resume_from_checkpoint)
-    accelerator = Accelerator(
+    accelerator = new_accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=mixed,
         log_with=trackers_from_report_to(args.report_to),

@@ -104,13 +104,13 @@ def score_rows(rows: list[dict], labeler, chunk_size: int, show_progress: bool =
 
 def main(args: ScriptArguments, pair_args: PairArguments) -> dict | None:
     # ---------------------------------------------------------------- setup
-    from accelerate import PartialState
+    from rlhfkit.distributed import partial_state
 
     from rlhfkit.checkpoints import StageOutput, fingerprint, read_run_info
     from rlhfkit.data import write_jsonl_atomic
     from rlhfkit.labelers import load_labeler
 
-    state = PartialState()
+    state = partial_state()
     setup_logging(state.is_main_process)
     source = resolve_stage_file(args.dataset_path, "generations.jsonl", "generation")
     output = StageOutput(args.output_dir, "annotate", overwrite=args.overwrite_output_dir)

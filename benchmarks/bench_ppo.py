@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from accelerate import Accelerator
+    from rlhfkit.distributed import new_accelerator
     from trl.models.utils import unwrap_model_for_generation
 
     from ppo_train import PolicyAndValue
@@ -39,7 +39,7 @@ def main() -> None:
     from rlhfkit.sampling import generate_batch, stop_token_ids
 
     torch.set_num_threads(1)
-    accelerator = Accelerator()
+    accelerator = new_accelerator()
     path, _ = resolve_model(args.model)
     tokenizer = load_tokenizer(path, padding_side="left")
     policy = load_causal_lm(path)

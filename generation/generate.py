@@ -136,13 +136,13 @@ def _check_resumed_rows(rows: list[dict], meta: dict, assigned_ids: set[str], pa
 def main(args: ScriptArguments) -> dict | None:
     """Generate this process's shard; merge and finalize the output dir when every shard is done here."""
     # ---------------------------------------------------------------- setup
-    from accelerate import PartialState
+    from rlhfkit.distributed import partial_state
 
     from rlhfkit.models import load_causal_lm, load_tokenizer, resolve_model
     from rlhfkit.prompts import load_prompts
     from rlhfkit.sampling import derive_seed, generate_batch, render_generation_prompt, stop_token_ids
 
-    state = PartialState()
+    state = partial_state()
     setup_logging(state.is_main_process)
     if state.num_processes > 1 and args.world_size > 1:
         raise UserError("use either --world_size/--local_index or accelerate processes for sharding, not both")

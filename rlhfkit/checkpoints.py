@@ -135,18 +135,18 @@ def check_parent(path: str | os.PathLike, role: str = "model", expect_stage: str
 # ---------------------------------------------------------------------------------------------------------------
 def _is_main_process() -> bool:
     try:
-        from accelerate import PartialState
+        from .distributed import partial_state
 
-        return PartialState().is_main_process
+        return partial_state().is_main_process
     except Exception:  # accelerate not initialised: a plain single process
         return True
 
 
 def _wait_for_everyone() -> None:
     try:
-        from accelerate import PartialState
+        from .distributed import partial_state
 
-        PartialState().wait_for_everyone()
+        partial_state().wait_for_everyone()
     except Exception:
         pass
 

@@ -278,3 +278,24 @@ def test_cli_help_and_one_line_error(tmp_path):
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {bad}: row 2: field 'messages': expected a string or a list of messages, got int"]
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.slow
+def test_accelerate_processes_shard_and_merge_like_one_process(unsharded, prompt_file, tmp_path):
+    """Two ranks under `accelerate launch` (gloo on CPU): each generates its shard, the main rank merges."""
+    import subprocess
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "two"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
+               "--num_processes", "2", "generation/generate.py", "--model_name_or_path", "tiny-random-llama",
+               "--dataset_path", prompt_file, "--output_dir", str(out), "--num_samples", "2", "--max_new_tokens", "6",
+               "--temperature", "1.0", "--top_p", "0.95", "--seed", "11", "--backend", "hf", "--batch_size", "2"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shard 0/2" in result.stderr  # the main rank reports a world of two
+    rows, _ = unsharded
+    two = read(out / "generations.jsonl")
+    assert [r["id"] for r in two] == [r["id"] for r in rows]
+    assert [r["responses"] for r in two] == [r["responses"] for r in rows]

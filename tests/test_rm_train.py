@@ -161,9 +161,10 @@ def test_eval_two_processes_equal_one(tmp_path, sentiment_data, tiny_llama_dir):
               "--batch_size", "3", "--calibration", "false"]
     one = _launch([sys.executable, *common, "--record_dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _launch([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-                   *common, "--record_dir", str(tmp_path / "two")])
+    two = _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
+                   "--num_processes", "2", *common, "--record_dir", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-2000:]
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["processes"] == 2  # really two ranks (gloo)
     assert eval_scores(tmp_path / "one") == pytest.approx(eval_scores(tmp_path / "two"), abs=1e-5)
     assert json.loads((tmp_path / "one" / "metrics.json").read_text()) == json.loads((tmp_path / "two" / "metrics.json").read_text())
 
