@@ -57,8 +57,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     # ---------------------------------------------------------------- setup
     import datasets
 
-    from rlhfkit.checkpoints import StageOutput, fingerprint, parent_record, save_final_model
-    from rlhfkit.data import load_preferences, train_eval_split
+    from rlhfkit.checkpoints import StageOutput, fingerprint, parent_from_model, parent_record, save_final_model
+    from rlhfkit.data import load_train_eval
     from rlhfkit.models import (ensure_pad_token, load_causal_lm, load_tokenizer, match_vocabulary, peft_config,
                                 resolve_model)
 
@@ -89,16 +89,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     reference_how = describe_reference(ref_model is not None, lora is not None, training_args.precompute_ref_log_probs)
 
     # ---------------------------------------------------------------- data
-    data = load_preferences(script_args.dataset_path, seed=training_args.seed,
-                            skip_invalid=script_args.skip_invalid_rows, split=script_args.dataset_split)
-    if script_args.eval_dataset_path:
-        eval_data = load_preferences(script_args.eval_dataset_path, seed=training_args.seed,
-                                     skip_invalid=script_args.skip_invalid_rows, split=script_args.dataset_split)
-        train_rows, eval_rows = data.rows, eval_data.rows
-    else:
-        train_rows, eval_rows = train_eval_split(data.rows, script_args.validation_split_percentage, training_args.seed)
-    if not train_rows:
-        raise UserError(f"{script_args.dataset_path[0]}: no usable training pairs")
+    data, train_rows, eval_rows = load_train_eval(script_args, seed=training_args.seed)
     train_dataset = datasets.Dataset.from_list([trl_row(row) for row in train_rows])
     eval_dataset = datasets.Dataset.from_list([trl_row(row) for row in eval_rows]) if eval_rows else None
     logger.info("training pairs: %d, held-out pairs: %d", len(train_rows), len(eval_rows))
@@ -135,8 +126,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
     # ---------------------------------------------------------------- save
     save_final_model(trainer, stage.staging, tokenizer, merge_lora=not model_args.save_adapter_only)
-    parent = ({"path": model_record["resolved_path"], "stage": model_record.get("parent_stage")}
-              if "parent_stage" in model_record else None)
+    parent = parent_from_model(model_record)
     run_info = {
         **parent_record(parent, model_args.model_name_or_path, model_record),
         "reference": {"requested": ref_requested, **ref_record,

@@ -88,8 +88,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     # ---------------------------------------------------------------- setup
     from datasets import Dataset
 
-    from rlhfkit.checkpoints import StageOutput, fingerprint, parent_record, save_final_model
-    from rlhfkit.data import load_preferences, train_eval_split
+    from rlhfkit.checkpoints import StageOutput, fingerprint, parent_from_model, parent_record, save_final_model
+    from rlhfkit.data import load_train_eval
     from rlhfkit.models import (ensure_pad_token, load_reward_model, load_tokenizer, peft_config, resolve_model,
                                 reward_head_names)
     from rlhfkit.reward_trainer import RewardModelTrainer
@@ -105,16 +105,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     lora = peft_config(model_args, "SEQ_CLS", modules_to_save=reward_head_names(model))
 
     # ---------------------------------------------------------------- data
-    data = load_preferences(script_args.dataset_path, seed=training_args.seed,
-                            skip_invalid=script_args.skip_invalid_rows, split=script_args.dataset_split)
-    if script_args.eval_dataset_path:
-        eval_data = load_preferences(script_args.eval_dataset_path, seed=training_args.seed,
-                                     skip_invalid=script_args.skip_invalid_rows, split=script_args.dataset_split)
-        train_rows, eval_rows = data.rows, eval_data.rows
-    else:
-        train_rows, eval_rows = train_eval_split(data.rows, script_args.validation_split_percentage, training_args.seed)
-    if not train_rows:
-        raise UserError(f"{script_args.dataset_path[0]}: no usable training pairs")
+    data, train_rows, eval_rows = load_train_eval(script_args, seed=training_args.seed)
     source_index = None
     if script_args.objective != "bt":
         sources = sorted({row["source"] for row in train_rows})
@@ -168,7 +159,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     args = to_dict(script_args, model_args, training_args)
     args["output_dir"] = final_dir
     run_info = {
-        **parent_record(None, model_args.model_name_or_path, model_record),
+        **parent_record(parent_from_model(model_record), model_args.model_name_or_path, model_record),
         "dataset": {"paths": script_args.dataset_path, "eval_paths": script_args.eval_dataset_path,
                     "fingerprint": fingerprint(train_rows), "report": data.report,
                     "tokenization": {"train": train_counts, "eval": eval_counts}},
@@ -176,8 +167,6 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         "reward_stats": reward_stats,
         "objective": script_args.objective,
     }
-    if model_record.get("parent_stage") or model_record.get("resolved_path"):
-        run_info["parent"] = {"path": model_record.get("resolved_path", model_path), "stage": model_record.get("parent_stage")}
     metrics["reward_stats"] = reward_stats
     metrics["data"] = {"train": train_counts, "eval": eval_counts}
     output.finalize(run_info, metrics, args)

@@ -84,7 +84,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     import datasets
     from trl import SFTTrainer
 
-    from rlhfkit.checkpoints import StageOutput, fingerprint, parent_record, save_final_model
+    from rlhfkit.checkpoints import StageOutput, fingerprint, parent_from_model, parent_record, save_final_model
     from rlhfkit.data import train_eval_split
     from rlhfkit.models import ensure_pad_token, load_causal_lm, load_tokenizer, peft_config, resolve_model
     from rlhfkit.sft_data import load_sft
@@ -142,8 +142,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
     # ---------------------------------------------------------------- save
     save_final_model(trainer, stage.staging, tokenizer, merge_lora=not model_args.save_adapter_only)
-    parent = ({"path": model_record["resolved_path"], "stage": model_record.get("parent_stage")}
-              if "parent_stage" in model_record else None)
+    parent = parent_from_model(model_record)
     run_info = {
         **parent_record(parent, model_args.model_name_or_path, model_record),
         "dataset": {

@@ -274,6 +274,14 @@ class StageOutput:
         return self.final
 
 
+def parent_from_model(resolved: dict) -> dict | None:
+    """The parent a stage names in run_info.json: the local checkpoint dir it started from (None for built-ins and
+    hub ids), from the record `rlhfkit.models.resolve_model` returns."""
+    if "parent_stage" not in resolved:
+        return None
+    return {"path": resolved["resolved_path"], "stage": resolved.get("parent_stage")}
+
+
 def parent_record(parent: dict | None, requested: str | None = None, resolved: dict | None = None) -> dict:
     """What run_info.json says about where a stage started from."""
     record: dict[str, Any] = {}
@@ -306,7 +314,7 @@ def merge_lora_state_dict(state_dict: dict, peft_config, adapter: str = "default
     for key, tensor in state_dict.items():
         name = key[len(prefix):] if key.startswith(prefix) else key
         if f".lora_A.{adapter}." in name or f".lora_B.{adapter}." in name:
-            module, part = name.split(f".lora_")[0], name.split(".lora_")[1][0]
+            module, part = name.split(".lora_")[0], name.split(".lora_")[1][0]
             lora.setdefault(module, {})[part] = tensor
         elif ".original_module." in name:
             continue

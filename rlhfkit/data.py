@@ -402,6 +402,21 @@ def train_eval_split(rows: list[dict], percentage: float, seed: int = 42) -> tup
     return [r for i, r in enumerate(rows) if i not in eval_index], [r for i, r in enumerate(rows) if i in eval_index]
 
 
+def load_train_eval(args, seed: int = 42) -> tuple[PreferenceData, list[dict], list[dict]]:
+    """Training and held-out rows from `rlhfkit.args.PreferenceDataArguments`: a separate eval set, or a seeded
+    `--validation_split_percentage` of the training data. Returns (the training data with its report, train, eval)."""
+    data = load_preferences(args.dataset_path, seed=seed, skip_invalid=args.skip_invalid_rows, split=args.dataset_split)
+    if args.eval_dataset_path:
+        eval_data = load_preferences(args.eval_dataset_path, seed=seed, skip_invalid=args.skip_invalid_rows,
+                                     split=args.dataset_split)
+        train_rows, eval_rows = data.rows, eval_data.rows
+    else:
+        train_rows, eval_rows = train_eval_split(data.rows, args.validation_split_percentage, seed)
+    if not train_rows:
+        raise UserError(f"{args.dataset_path[0]}: no usable training pairs")
+    return data, train_rows, eval_rows
+
+
 def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
     """Write rows as JSONL to a temp file beside `path`, then rename it into place."""
     import tempfile
