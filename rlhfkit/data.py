@@ -288,6 +288,27 @@ def to_canonical(row: dict, fmt: str | None = None) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # loading several sources
 # ---------------------------------------------------------------------------------------------------------------
+def convert_records(path, records: list, convert, skip_invalid: bool, counts: Counter, hint_skip_flag: bool = True):
+    """Yield (row number, record, convert(record)) for each row of a file, 1-based.
+
+    A row that is not an object, or whose conversion raises RowError, stops loading with one line naming the file,
+    row and field, unless `skip_invalid`: then it is skipped and counted in `counts` as `skipped_invalid_<field>`.
+    `hint_skip_flag`: end the message with the `--skip_invalid_rows` hint (callers whose stages lack the flag don't).
+    """
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise UserError(f"{where(path, number)}: a row must be an object, got {type(record).__name__}")
+        try:
+            converted = convert(record)
+        except RowError as exc:
+            if skip_invalid:
+                counts[f"skipped_invalid_{exc.field}"] += 1
+                continue
+            hint = " (or pass --skip_invalid_rows true to skip and count such rows)" if hint_skip_flag else ""
+            raise UserError(f"{where(path, number, exc.field)}: {exc.message}{hint}") from None
+        yield number, record, converted
+
+
 @dataclass
 class SourceSpec:
     path: str
@@ -356,17 +377,7 @@ def load_preferences(
         records = read_records(spec.path, split=split)
         counts: Counter = Counter(read=len(records))
         converted = []
-        for number, record in enumerate(records, start=1):
-            if not isinstance(record, dict):
-                raise UserError(f"{where(spec.path, number)}: a row must be an object, got {type(record).__name__}")
-            try:
-                row = to_canonical(record)
-            except RowError as exc:
-                if skip_invalid:
-                    counts[f"skipped_invalid_{exc.field}"] += 1
-                    continue
-                raise UserError(f"{where(spec.path, number, exc.field)}: {exc.message} "
-                                f"(or pass --skip_invalid_rows true to skip and count such rows)") from None
+        for _, _, row in convert_records(spec.path, records, to_canonical, skip_invalid, counts):
             if row["chosen"] == row["rejected"]:
                 counts["dropped_identical"] += 1
                 continue
@@ -403,7 +414,7 @@ def train_eval_split(rows: list[dict], percentage: float, seed: int = 42) -> tup
 
 
 def load_train_eval(args, seed: int = 42) -> tuple[PreferenceData, list[dict], list[dict]]:
-    """Training and held-out rows from `rlhfkit.args.PreferenceDataArguments`: a separate eval set, or a seeded
+    """Training and held-out rows from `rlhfkit.args.DataArguments`: a separate eval set, or a seeded
     `--validation_split_percentage` of the training data. Returns (the training data with its report, train, eval)."""
     data = load_preferences(args.dataset_path, seed=seed, skip_invalid=args.skip_invalid_rows, split=args.dataset_split)
     if args.eval_dataset_path:

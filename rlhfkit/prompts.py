@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from .checkpoints import fingerprint
-from .data import RowError, as_messages, validate_turns, load_preferences, parse_source, read_records
+from .data import RowError, as_messages, convert_records, load_preferences, parse_source, read_records, validate_turns
 from .errors import UserError, where
 
 logger = logging.getLogger(__name__)
@@ -106,16 +106,8 @@ def load_prompts(
                 # a pair's id names the pair, not its prompt, and many pairs share a prompt: hash the content
                 candidates.append((where(spec.path, number), pref["prompt"], None))
         else:
-            for number, record in enumerate(records, start=1):
-                if not isinstance(record, dict):
-                    raise UserError(f"{where(spec.path, number)}: a row must be an object, got {type(record).__name__}")
-                try:
-                    messages = row_to_prompt(record)
-                except RowError as exc:
-                    if skip_invalid:
-                        counts[f"skipped_invalid_{exc.field}"] += 1
-                        continue
-                    raise UserError(f"{where(spec.path, number, exc.field)}: {exc.message}") from None
+            converted = convert_records(spec.path, records, row_to_prompt, skip_invalid, counts, hint_skip_flag=False)
+            for number, record, messages in converted:
                 given = record.get("id")
                 candidates.append((where(spec.path, number), messages, None if given is None else str(given)))
         if spec.count is not None or spec.fraction is not None:
