@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig, DPOTrainer
 
-from rlhfkit.args import ModelArguments, PreferenceDataArguments, TrainingDefaults
+from rlhfkit.args import ModelArguments, DataArguments, TrainingDefaults
 from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.errors import UserError
 
@@ -42,7 +42,7 @@ logger = logging.getLogger("dpo_train")
 
 
 @dataclass
-class ScriptArguments(PreferenceDataArguments):
+class ScriptArguments(DataArguments):
     ref_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Reference model (dir or built-in name); default: --model_name_or_path."}
     )

@@ -23,7 +23,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from rlhfkit.args import ModelArguments, PreferenceDataArguments, TrainingDefaults
+from rlhfkit.args import ModelArguments, DataArguments, TrainingDefaults
 from trl import RewardConfig
 
 from rlhfkit.cli import run_stage, setup_logging, to_dict
@@ -34,7 +34,7 @@ logger = logging.getLogger("rm_train")
 
 
 @dataclass
-class ScriptArguments(PreferenceDataArguments):
+class ScriptArguments(DataArguments):
     truncation: str = field(
         default="left_prompt",
         metadata={"help": "Pairs longer than --max_length: 'left_prompt' cuts the prompt from the left and keeps both "

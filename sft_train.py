@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from rlhfkit.args import ModelArguments, TrainingDefaults
+from rlhfkit.args import DataArguments, ModelArguments, TrainingDefaults
 from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.errors import UserError
 
@@ -39,32 +39,14 @@ logger = logging.getLogger("sft_train")
 
 
 @dataclass
-class ScriptArguments:
+class ScriptArguments(DataArguments):
     """Data flags (training flags are TRL's `SFTConfig`, model flags `rlhfkit.args.ModelArguments`)."""
 
-    dataset_path: list[str] = field(
-        default=None,
-        metadata={"help": "SFT data: one or more files/dirs, each optionally `path:N` or `path:0.25` to subsample."},
-    )
-    eval_dataset_path: list[str] | None = field(
-        default=None, metadata={"help": "Held-out SFT data (same formats); overrides --validation_split_percentage."}
-    )
-    validation_split_percentage: float = field(
-        default=0.0, metadata={"help": "Percent of --dataset_path held out for evaluation when no eval set is given."}
-    )
-    dataset_split: str = field(default="train", metadata={"help": "Split to read from hub datasets / save_to_disk dirs."})
-    skip_invalid_rows: bool = field(default=False, metadata={"help": "Skip (and count) malformed rows instead of failing."})
     text_template: str | None = field(
         default=None,
         metadata={"help": "Format rows as text, e.g. 'Question: {question}\\n\\nAnswer: {response}'; the loss "
                   "covers the last field when --assistant_only_loss is on."},
     )
-
-    def __post_init__(self):
-        if not self.dataset_path:
-            raise ValueError("--dataset_path is required")
-        if not 0 <= self.validation_split_percentage < 100:
-            raise ValueError("--validation_split_percentage must be in [0, 100)")
 
 
 @dataclass

@@ -6,15 +6,16 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class PreferenceDataArguments:
-    """Where preference pairs come from (rm_train.py, dpo_train.py): read by `rlhfkit.data.load_preferences`."""
+class DataArguments:
+    """Where training data comes from (rm_train.py, dpo_train.py: preference pairs via `rlhfkit.data`; sft_train.py:
+    SFT rows via `rlhfkit.sft_data`), and how a held-out split is made."""
 
     dataset_path: list[str] = field(
         default=None,
-        metadata={"help": "Preference data: files (.jsonl/.jsonl.gz/.json/.parquet), dirs or hub names; "
+        metadata={"help": "Training data: files (.jsonl/.jsonl.gz/.json/.parquet), dirs or hub names; "
                   "'path:N' takes N rows, 'path:0.3' a fraction."},
     )
-    eval_dataset_path: list[str] = field(default=None, metadata={"help": "Separate held-out preference data."})
+    eval_dataset_path: list[str] = field(default=None, metadata={"help": "Separate held-out data (same formats)."})
     dataset_split: str = field(default="train", metadata={"help": "Split to read from hub datasets / save_to_disk dirs."})
     validation_split_percentage: float = field(
         default=0.0, metadata={"help": "Hold out this percentage of --dataset_path for evaluation (ignored with --eval_dataset_path)."}
