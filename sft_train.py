@@ -7,7 +7,9 @@ Features
 - Data (rlhfkit.sft_data): message lists, prompt/completion, ShareGPT, canonical preference pairs and raw HH-RLHF
   dialogues (the chosen side), plain text, LMFlow `text_only`/`text2text` files, and `--text_template` for
   question/answer rows ("Question: {question}\\n\\nAnswer: {response}"); `path:N` / `path:0.25` subsamples a source.
-- Loss on assistant tokens only by default (`--assistant_only_loss`, via the template's `{% generation %}` markers);
+- Loss on assistant tokens only by default (`--assistant_only_loss`): by the template's `{% generation %}` markers
+  (or TRL's patched copy of a known template), else by rendering each conversation turn by turn and training the
+  tokens each assistant turn adds (rlhfkit.sft_data.assistant_token_mask, as open-instruct does);
   with `--text_template` the same flag puts the loss on the last field only; plain text trains on every token.
 - `--packing`, `--max_length`, `--gradient_checkpointing`, LoRA (`--use_peft`) and QLoRA (`--load_in_4bit`, needs
   bitsandbytes and a CUDA GPU), `--chat_template` for tokenizers without one.
@@ -17,8 +19,9 @@ Features
 Assumptions
 - All rows of one run are of one kind (chat, plain text, or template); mixing them is refused, since TRL picks the
   format from the first row.
-- Assistant-only loss needs a chat template with `{% generation %}` markers, or one TRL knows how to patch; for
-  others the stage stops with a one-line error naming the fix.
+- Assistant-only loss without markers needs a template that renders incrementally (each prefix of a conversation
+  renders as a token prefix of the whole); for one that does not, the stage stops with a one-line error naming the
+  fix.
 
 Output (the stage contract, rlhfkit.checkpoints): `--output_dir` with safetensors weights, tokenizer, metrics.json,
 args.yaml and run_info.json (parent, resolved model, dataset fingerprint and drop counts).
@@ -63,7 +66,6 @@ class SFTArguments(TrainingDefaults, SFTConfig):
 
 def main(script_args: ScriptArguments, model_args: ModelArguments, training_args: SFTArguments) -> dict:
     # ---------------------------------------------------------------- setup
-    import datasets
     from trl import SFTTrainer
 
     from rlhfkit.checkpoints import StageOutput, fingerprint, parent_from_model, parent_record, save_final_model
@@ -99,9 +101,9 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     else:
         train_rows, eval_rows = train_eval_split(data.rows, script_args.validation_split_percentage,
                                                  seed=training_args.seed)
-    configure_loss_masking(training_args, data.kind, tokenizer)
-    train_dataset = datasets.Dataset.from_list(train_rows)
-    eval_dataset = datasets.Dataset.from_list(eval_rows) if eval_rows else None
+    masking = configure_loss_masking(training_args, data.kind, tokenizer)
+    train_dataset = sft_dataset(train_rows, tokenizer, masking)
+    eval_dataset = sft_dataset(eval_rows, tokenizer, masking) if eval_rows else None
     logger.info("training rows: %d, held-out rows: %d", len(train_rows), len(eval_rows))
 
     # ---------------------------------------------------------------- train
@@ -137,7 +139,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
             "report": data.report,
             "dropped_by_max_length": dropped_by_max_length,
         },
-        "loss_on": loss_scope(training_args, data.kind),
+        "loss_on": loss_scope(training_args, masking),
+        "assistant_mask": masking,
         "pad_token": pad_action,
         "chat_template_source": tokenizer.init_kwargs.get("rlhfkit_chat_template_source"),
         "lora": {"merged": not model_args.save_adapter_only} if model_args.use_peft else None,
@@ -150,26 +153,34 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
 
 
-def configure_loss_masking(training_args: SFTArguments, kind: str, tokenizer) -> None:
-    """Map our one `--assistant_only_loss` flag onto TRL's two, by data kind.
+GENERATION_MARKERS = "generation markers"  # TRL masks by the template's {% generation %} (or its patched copy)
+INCREMENTAL_RENDER = "incremental render"  # we tokenise, masking what each assistant turn adds (rlhfkit.sft_data)
+
+
+def configure_loss_masking(training_args: SFTArguments, kind: str, tokenizer) -> str | None:
+    """Map our one `--assistant_only_loss` flag onto TRL's two, by data kind; return how assistant tokens are found.
 
     TRL has `assistant_only_loss` (chat rows, `{% generation %}` masks) and `completion_only_loss` (prompt/completion
-    rows) and raises if the first is set on non-chat data; plain text has no response to single out.
+    rows) and raises if the first is set on non-chat data; plain text has no response to single out. A chat template
+    without markers that TRL cannot patch gets INCREMENTAL_RENDER: `sft_dataset` tokenises the rows with their
+    assistant mask, and TRL's own flag is turned off (it would refuse the template; it builds labels from the mask).
+    Returns GENERATION_MARKERS, INCREMENTAL_RENDER, or None when the loss is not on assistant tokens.
     """
     wanted = training_args.assistant_only_loss
     if kind == "messages":
-        if wanted:
-            from trl.chat_template_utils import get_training_chat_template
-
-            try:
-                get_training_chat_template(tokenizer)
-            except ValueError:
-                raise UserError(
-                    "--assistant_only_loss: the chat template has no {% generation %} markers and TRL cannot patch it; "
-                    "pass a --chat_template that wraps assistant content in {% generation %}…{% endgeneration %}, "
-                    "or --assistant_only_loss false"
-                ) from None
         training_args.completion_only_loss = None
+        if not wanted:
+            return None
+        from trl.chat_template_utils import get_training_chat_template
+
+        try:
+            get_training_chat_template(tokenizer)
+        except ValueError:
+            training_args.assistant_only_loss = False
+            logger.info("--assistant_only_loss: the chat template has no {% generation %} markers; masking "
+                        "assistant tokens by rendering each conversation turn by turn")
+            return INCREMENTAL_RENDER
+        return GENERATION_MARKERS
     elif kind == "prompt_completion":
         training_args.assistant_only_loss = False
         training_args.completion_only_loss = wanted
@@ -180,8 +191,20 @@ def configure_loss_masking(training_args: SFTArguments, kind: str, tokenizer) ->
         training_args.completion_only_loss = False
 
 
-def loss_scope(training_args: SFTArguments, kind: str) -> str:
-    if training_args.assistant_only_loss:
+def sft_dataset(rows: list[dict], tokenizer, masking: str | None):
+    """The rows as the `datasets.Dataset` SFTTrainer takes: already tokenised, with their assistant mask, under
+    INCREMENTAL_RENDER (the one-line error comes from here where the template cannot be rendered turn by turn)."""
+    import datasets
+
+    from rlhfkit.sft_data import tokenize_assistant_only
+
+    if masking == INCREMENTAL_RENDER:
+        rows = tokenize_assistant_only(rows, tokenizer)
+    return datasets.Dataset.from_list(rows)
+
+
+def loss_scope(training_args: SFTArguments, masking: str | None) -> str:
+    if masking is not None:
         return "assistant tokens"
     if training_args.completion_only_loss:
         return "completion (last template field)"

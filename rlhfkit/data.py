@@ -4,12 +4,16 @@ Canonical row (see docs/internals.md):
     {"prompt": [messages ending with a user turn], "chosen": [assistant turn(s)], "rejected": [assistant turn(s)],
      optional "margin": float, "source": str, "subset": str, "id": str}
 
-Input formats, detected per row (`detect_format`):
-    pair_messages   chosen/rejected are whole conversations sharing a prompt (RLHFlow, TRL implicit prompt)
+Input formats, detected per row: the table `PREFERENCE_FORMATS` (each entry: how to recognise it, its chosen and
+rejected fields, how to convert it), first match wins:
+    lmflow          `{"positive", "negative"}` LMFlow dialogue texts "###Human: …###Assistant: …" (parsed exactly by
+                    `parse_lmflow_text`, the one LMFlow parser; usually a file `{"instances": [...]}`)
     explicit        prompt + chosen/rejected, each a string or a message list (TRL explicit prompt, RewardBench rows
                     `prompt, chosen, rejected, subset[, id]`)
     hh_text         chosen/rejected are raw "\\n\\nHuman: … \\n\\nAssistant: …" dialogues (Anthropic HH-RLHF)
-    lmflow          a file `{"instances": [{"positive", "negative"}]}` of raw dialogues (LMFlow reward modelling)
+    pair_messages   chosen/rejected are whole conversations sharing a prompt (RLHFlow, TRL implicit prompt)
+Other modules ask this one: `is_preference_row` (prompt sets), `chosen_conversation` (SFT), `is_valid_prompt` and
+`validate_turns` (the canonical turn order).
 
 Every conversion problem raises `UserError("<file>: row <n>: field '<f>': …")` unless `skip_invalid=True`, in which
 case the row is skipped and counted; pairs whose chosen equals rejected are always dropped and counted. The counts
@@ -202,22 +206,157 @@ def split_shared_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list,
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# LMFlow dialogue text (the one parser; rlhfkit.lmflow writes files with the same tags)
+# ---------------------------------------------------------------------------------------------------------------
+LMFLOW_ROLE_TAGS = {"system": "###System:", "user": "###Human:", "assistant": "###Assistant:"}
+_LMFLOW_TAG_ROLES = {tag: role for role, tag in LMFLOW_ROLE_TAGS.items()}
+LMFLOW_TAG = re.compile("(" + "|".join(re.escape(tag) for tag in LMFLOW_ROLE_TAGS.values()) + ")")
+
+
+def parse_lmflow_text(text: str, field_name: str = "text") -> list[dict]:
+    """Messages of an LMFlow dialogue "###Human: <user>###Assistant: <assistant>…" (optionally "###System: …" first).
+
+    Exact: a message's content is the text after its tag minus exactly one space, so writing "<tag> " + content
+    (`rlhfkit.lmflow.render_text`) and parsing it back gives the same messages, whitespace included."""
+    if not isinstance(text, str):
+        raise RowError(field_name, f"expected an LMFlow dialogue string, got {type(text).__name__}")
+    pieces = LMFLOW_TAG.split(text)
+    if pieces[0].strip():
+        raise RowError(field_name, "text before the first '###Human:' tag; not an LMFlow dialogue")
+    messages = [{"role": _LMFLOW_TAG_ROLES[tag], "content": body[1:] if body.startswith(" ") else body}
+                for tag, body in zip(pieces[1::2], pieces[2::2])]
+    if not messages:
+        raise RowError(field_name, "no '###Human:'/'###Assistant:' turns found")
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the preference formats: one row each (detect + convert); "valid prompt" and "is a preference row" live here
+# ---------------------------------------------------------------------------------------------------------------
+def _whole_dialogues(parse):
+    """`pair` for formats whose chosen/rejected are whole conversations: split them at the shared prompt."""
+    def pair(row: dict, fmt: "PreferenceFormat") -> tuple[list, list, list]:
+        return split_shared_prompt(parse(row, fmt.chosen_field), parse(row, fmt.rejected_field))
+    return pair
+
+
+def _hh_side(row: dict, name: str) -> list[dict]:
+    if not isinstance(row[name], str):
+        raise RowError(name, "expected a dialogue string like 'chosen'")
+    return parse_hh_dialogue(row[name], name)
+
+
+def _messages_side(row: dict, name: str) -> list[dict]:
+    return as_messages(row[name], name, "assistant")
+
+
+def _explicit_side(row: dict, name: str) -> list[dict]:
+    prompt, reply = _explicit_split(row, name)
+    return reply if reply[: len(prompt)] == prompt and len(reply) > len(prompt) else prompt + reply
+
+
+def _explicit_split(row: dict, name: str) -> tuple[list[dict], list[dict]]:
+    prompt = as_messages(row["prompt"], "prompt", "user")
+    return prompt, as_messages(row[name], name, "assistant")
+
+
+def _explicit_pair(row: dict, fmt: "PreferenceFormat") -> tuple[list, list, list]:
+    prompt, chosen = _explicit_split(row, "chosen")
+    rejected = as_messages(row["rejected"], "rejected", "assistant")
+    # TRL-style rows sometimes repeat the prompt inside chosen/rejected: strip it
+    if chosen[: len(prompt)] == prompt and rejected[: len(prompt)] == prompt and len(chosen) > len(prompt):
+        chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+    return prompt, chosen, rejected
+
+
+def _lmflow_side(row: dict, name: str) -> list[dict]:
+    if not isinstance(row.get(name), str):
+        raise RowError(name, "missing or not a string")
+    return parse_lmflow_text(row[name], name)
+
+
+def _lmflow_pair(row: dict, fmt: "PreferenceFormat") -> tuple[list, list, list]:
+    """LMFlow's rule: each text is a dialogue ending in the reply after its last '###Human:' turn; the dialogues
+    before the replies must be the same."""
+    halves = []
+    for name in ("positive", "negative"):
+        messages = _lmflow_side(row, name)
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        if last_user is None or last_user == len(messages) - 1:
+            raise RowError(name, "the dialogue must end with an '###Assistant:' reply after a '###Human:' turn")
+        halves.append((messages[: last_user + 1], messages[last_user + 1:]))
+    (prompt, chosen), (negative_prompt, rejected) = halves
+    if prompt != negative_prompt:
+        raise RowError("negative", "its dialogue before the reply differs from 'positive'")
+    return prompt, chosen, rejected
+
+
+@dataclass(frozen=True)
+class PreferenceFormat:
+    """One input format of preference rows: how to recognise it, its two sides, how to convert it."""
+
+    name: str
+    description: str
+    chosen_field: str
+    rejected_field: str
+    matches: Any  # (row) -> bool, by the chosen side's fields alone (SFT takes rows that have no rejected side)
+    side: Any  # (row, field name) -> that side's whole conversation (prompt + reply), not yet validated
+    pair: Any  # (row, format) -> (prompt, chosen, rejected) message lists, not yet validated
+
+
+# first match wins: LMFlow's keys are its own; "prompt" makes a row explicit; a string chosen is an HH dialogue
+PREFERENCE_FORMATS: tuple[PreferenceFormat, ...] = (
+    PreferenceFormat("lmflow", 'LMFlow reward data {"positive", "negative"}: "###Human: …###Assistant: …" texts',
+                     "positive", "negative", lambda row: "positive" in row, _lmflow_side, _lmflow_pair),
+    PreferenceFormat("explicit", "prompt + chosen/rejected, each a string or a message list (TRL explicit prompt, "
+                     "RewardBench rows `prompt, chosen, rejected, subset[, id]`)",
+                     "chosen", "rejected", lambda row: "prompt" in row and "chosen" in row, _explicit_side,
+                     _explicit_pair),
+    PreferenceFormat("hh_text", 'chosen/rejected are raw "\\n\\nHuman: … \\n\\nAssistant: …" dialogues (Anthropic HH)',
+                     "chosen", "rejected", lambda row: isinstance(row.get("chosen"), str), _hh_side,
+                     _whole_dialogues(_hh_side)),
+    PreferenceFormat("pair_messages", "chosen/rejected are whole conversations sharing a prompt (RLHFlow, TRL "
+                     "implicit prompt)", "chosen", "rejected", lambda row: "chosen" in row, _messages_side,
+                     _whole_dialogues(_messages_side)),
+)
+FORMATS_BY_NAME = {fmt.name: fmt for fmt in PREFERENCE_FORMATS}
+
+
+def preference_format(row: dict, need_rejected: bool = True) -> PreferenceFormat | None:
+    """The format of a row, or None; `need_rejected=False` also accepts a row with only its chosen side."""
+    for fmt in PREFERENCE_FORMATS:
+        if fmt.matches(row):
+            return fmt if not need_rejected or fmt.rejected_field in row else None
+    return None
+
+
+def is_preference_row(row: Any) -> bool:
+    """Whether a row is preference data in one of `PREFERENCE_FORMATS` (both sides present)."""
+    return isinstance(row, dict) and preference_format(row) is not None
+
+
 def detect_format(row: dict) -> str:
-    keys = set(row)
-    if {"positive", "negative"} <= keys:
-        return "lmflow"
-    if {"chosen", "rejected"} <= keys:
-        if "prompt" in keys:
-            return "explicit"
-        if isinstance(row["chosen"], str):
-            return "hh_text"
-        return "pair_messages"
-    missing = sorted({"chosen", "rejected"} - keys)
-    raise RowError(missing[0], f"missing (a preference row needs chosen/rejected, or LMFlow positive/negative; "
-                               f"found fields {sorted(k for k in keys if not k.startswith('_'))})")
+    """The name of a row's format; raises RowError naming the missing field."""
+    fmt = preference_format(row, need_rejected=False)
+    if fmt is not None and fmt.rejected_field in row:
+        return fmt.name
+    raise RowError(fmt.rejected_field if fmt is not None else "chosen",
+                   f"missing (a preference row needs chosen/rejected, or LMFlow positive/negative; "
+                   f"found fields {sorted(k for k in row if not str(k).startswith('_'))})")
 
 
-def validate_turns(messages: list[dict], field_name: str, kind: str) -> None:
+def chosen_conversation(row: dict) -> tuple[str, list[dict]] | None:
+    """(field, the chosen side's whole conversation) of a preference row, even one with no rejected side, or None
+    when the row is in no preference format. The SFT loader trains on it. Raises RowError when it is malformed."""
+    fmt = preference_format(row, need_rejected=False)
+    return None if fmt is None else (fmt.chosen_field, fmt.side(row, fmt.chosen_field))
+
+
+def validate_turns(messages: list[dict], field_name: str, kind: str, check_content: bool = True) -> None:
+    """The canonical turn order (docs/internals.md): a prompt is an optional leading system message, then user and
+    assistant alternating from user, ending with user; a response is assistant turns ending with one. Contents
+    must be non-empty strings unless `check_content=False`. Raises RowError naming `field_name`."""
     if not messages:
         raise RowError(field_name, "is empty")
     expected = "user" if kind == "prompt" else "assistant"
@@ -225,12 +364,12 @@ def validate_turns(messages: list[dict], field_name: str, kind: str) -> None:
     if kind == "prompt" and start == 1 and len(messages) == 1:
         raise RowError(field_name, "has only a system message; the prompt must end with a user turn")
     for index, message in enumerate(messages):
-        role, content = message["role"], message["content"]
+        role, content = message["role"], message.get("content")
         if role not in ROLES:
             raise RowError(field_name, f"message {index} has unknown role '{role}' (use {', '.join(ROLES)})")
-        if not isinstance(content, str):
+        if check_content and not isinstance(content, str):
             raise RowError(field_name, f"message {index} content must be a string, got {type(content).__name__}")
-        if not content.strip():
+        if check_content and not content.strip():
             raise RowError(field_name, f"message {index} ({role}) has empty content")
         if index < start:
             continue
@@ -244,35 +383,25 @@ def validate_turns(messages: list[dict], field_name: str, kind: str) -> None:
         raise RowError(field_name, "must end with an assistant turn")
 
 
+def is_valid_prompt(messages: list[dict]) -> bool:
+    """Whether messages follow the prompt turn order of `validate_turns` (contents are not checked)."""
+    try:
+        validate_turns(list(messages), "prompt", "prompt", check_content=False)
+    except RowError:
+        return False
+    return True
+
+
 def to_canonical(row: dict, fmt: str | None = None) -> dict:
     """Convert one input row to the canonical schema (pure). Raises RowError naming the field at fault."""
     fmt = fmt or detect_format(row)
-    if fmt == "lmflow":
-        full_chosen = parse_hh_dialogue(row["positive"], "positive")
-        full_rejected = parse_hh_dialogue(row["negative"], "negative")
-        prompt, chosen, rejected = split_shared_prompt(full_chosen, full_rejected)
-    elif fmt == "hh_text":
-        full_chosen = parse_hh_dialogue(row["chosen"], "chosen")
-        if not isinstance(row["rejected"], str):
-            raise RowError("rejected", "expected a dialogue string like 'chosen'")
-        full_rejected = parse_hh_dialogue(row["rejected"], "rejected")
-        prompt, chosen, rejected = split_shared_prompt(full_chosen, full_rejected)
-    elif fmt == "pair_messages":
-        full_chosen = as_messages(row["chosen"], "chosen", "assistant")
-        full_rejected = as_messages(row["rejected"], "rejected", "assistant")
-        prompt, chosen, rejected = split_shared_prompt(full_chosen, full_rejected)
-    elif fmt == "explicit":
-        prompt = as_messages(row["prompt"], "prompt", "user")
-        chosen = as_messages(row["chosen"], "chosen", "assistant")
-        rejected = as_messages(row["rejected"], "rejected", "assistant")
-        # TRL-style rows sometimes repeat the prompt inside chosen/rejected: strip it
-        if chosen[: len(prompt)] == prompt and rejected[: len(prompt)] == prompt and len(chosen) > len(prompt):
-            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
-    else:
+    if fmt not in FORMATS_BY_NAME:
         raise RowError("format", f"unknown format '{fmt}'")
+    spec = FORMATS_BY_NAME[fmt]
+    prompt, chosen, rejected = spec.pair(row, spec)
     validate_turns(prompt, "prompt", "prompt")
-    validate_turns(chosen, "chosen" if fmt != "lmflow" else "positive", "response")
-    validate_turns(rejected, "rejected" if fmt != "lmflow" else "negative", "response")
+    validate_turns(chosen, spec.chosen_field, "response")
+    validate_turns(rejected, spec.rejected_field, "response")
     out: dict[str, Any] = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     if row.get("margin") is not None:
         margin = row["margin"]

@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from .data import FORMATS_BY_NAME, LMFLOW_ROLE_TAGS, LMFLOW_TAG, RowError, is_valid_prompt, parse_lmflow_text
 from .errors import UserError, where
 
-ROLE_TAGS = {"system": "###System:", "user": "###Human:", "assistant": "###Assistant:"}
-_TAG_ROLES = {tag: role for role, tag in ROLE_TAGS.items()}
-_TAG = re.compile("(" + "|".join(re.escape(tag) for tag in ROLE_TAGS.values()) + ")")
+ROLE_TAGS = LMFLOW_ROLE_TAGS
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# text ↔ messages
+# text ↔ messages (the parser is rlhfkit.data.parse_lmflow_text, which the preference loader also uses)
 # ---------------------------------------------------------------------------------------------------------------
 def render_text(messages: Sequence[dict], context: str = "row") -> str:
     """Messages → LMFlow dialogue text."""
@@ -41,7 +39,7 @@ def render_text(messages: Sequence[dict], context: str = "row") -> str:
             raise UserError(f"{context}: role '{role}' has no LMFlow tag (system, user, assistant)")
         if not isinstance(content, str):
             raise UserError(f"{context}: message content must be a string")
-        if _TAG.search(content):
+        if LMFLOW_TAG.search(content):
             raise UserError(f"{context}: a message contains an LMFlow role tag ('###Human:' or similar), "
                             f"so the text could not be split back into messages")
         parts.append(f"{ROLE_TAGS[role]} {content}")
@@ -49,28 +47,11 @@ def render_text(messages: Sequence[dict], context: str = "row") -> str:
 
 
 def parse_text(text: str, context: str = "text") -> list[dict]:
-    """LMFlow dialogue text → messages."""
-    pieces = _TAG.split(text)
-    if pieces[0].strip():
-        raise UserError(f"{context}: text before the first '###Human:' tag; not an LMFlow dialogue")
-    messages = []
-    for tag, body in zip(pieces[1::2], pieces[2::2]):
-        messages.append({"role": _TAG_ROLES[tag], "content": body[1:] if body.startswith(" ") else body})
-    if not messages:
-        raise UserError(f"{context}: no '###Human:'/'###Assistant:' turns found")
-    return messages
-
-
-def _split_at_last_user(messages: list[dict], context: str) -> tuple[list[dict], list[dict]]:
-    from .recipes import is_valid_prompt
-
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-    if last_user is None or last_user == len(messages) - 1:
-        raise UserError(f"{context}: the dialogue must end with an '###Assistant:' reply after a '###Human:' turn")
-    prompt, response = messages[: last_user + 1], messages[last_user + 1:]
-    if not is_valid_prompt(prompt) or any(m["role"] != "assistant" for m in response):
-        raise UserError(f"{context}: turns must alternate ###Human:/###Assistant: (optionally after one ###System:)")
-    return prompt, response
+    """LMFlow dialogue text → messages (exact: the inverse of `render_text`)."""
+    try:
+        return parse_lmflow_text(text)
+    except RowError as exc:
+        raise UserError(f"{context}: {exc.message}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -83,18 +64,18 @@ def pair_to_instance(row: dict, context: str = "row") -> dict:
 
 
 def instance_to_pair(instance: dict, loc: tuple = ("lmflow", None)) -> dict:
-    """{"positive", "negative"} → canonical pair row; both texts must share the dialogue before the replies."""
+    """{"positive", "negative"} → canonical pair row, by the preference loader's "lmflow" format (both texts must
+    share the dialogue before the replies). Contents are kept exactly, even empty ones, so files round-trip."""
     if not isinstance(instance, dict):
         raise UserError(f"{where(*loc)}: an instance must be an object with 'positive' and 'negative'")
-    halves = []
-    for name in ("positive", "negative"):
-        if not isinstance(instance.get(name), str):
-            raise UserError(f"{where(*loc, name)}: missing or not a string")
-        context = where(*loc, name)
-        halves.append(_split_at_last_user(parse_text(instance[name], context), context))
-    (prompt, chosen), (negative_prompt, rejected) = halves
-    if prompt != negative_prompt:
-        raise UserError(f"{where(*loc, 'negative')}: its dialogue before the reply differs from 'positive'")
+    lmflow = FORMATS_BY_NAME["lmflow"]
+    try:
+        prompt, chosen, rejected = lmflow.pair(instance, lmflow)
+    except RowError as exc:
+        raise UserError(f"{where(*loc, exc.field)}: {exc.message}") from None
+    if not is_valid_prompt(prompt) or any(m["role"] != "assistant" for m in chosen + rejected):
+        raise UserError(f"{where(*loc, 'positive')}: turns must alternate ###Human:/###Assistant: "
+                        f"(optionally after one ###System:)")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 

@@ -21,13 +21,11 @@ from collections import Counter
 from collections.abc import Sequence
 
 from .checkpoints import fingerprint
-from .data import RowError, as_messages, convert_records, load_preferences, parse_source, read_records, validate_turns
+from .data import (RowError, as_messages, convert_records, is_preference_row, load_preferences, parse_source, read_records,
+                   validate_turns)
 from .errors import UserError, where
 
 logger = logging.getLogger(__name__)
-
-_PREFERENCE_KEYS = ({"chosen", "rejected"}, {"positive", "negative"})
-
 
 class PromptSet(list):
     """A list of prompt rows with a `report` of what loading read, kept and dropped, per source."""
@@ -72,10 +70,6 @@ def row_to_prompt(row: dict) -> list[dict]:
     raise RowError("prompt", f"missing (a prompt row needs messages, prompt, instruction or question; found {found})")
 
 
-def _is_preference_row(row: dict) -> bool:
-    return any(keys <= set(row) for keys in _PREFERENCE_KEYS)
-
-
 def load_prompts(
     paths: Sequence[str] | str,
     split: str = "train",
@@ -99,7 +93,7 @@ def load_prompts(
         records = read_records(spec.path, split=split)
         counts: Counter = Counter(read=len(records))
         candidates: list[tuple[str, list[dict], str | None]] = []  # (where, prompt, given id)
-        if records and isinstance(records[0], dict) and _is_preference_row(records[0]):
+        if records and is_preference_row(records[0]):
             counts["format_preference"] = 1
             data = load_preferences([spec.path], skip_invalid=skip_invalid, split=split)
             for number, pref in enumerate(data.rows, start=1):

@@ -49,7 +49,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from .data import RowError, parse_hh_dialogue, read_records
+from .data import RowError, is_valid_prompt, parse_hh_dialogue, read_records
 from .errors import UserError, where
 
 logger = logging.getLogger(__name__)
@@ -302,17 +302,6 @@ def _messages(value: Any, loc: tuple, name: str) -> list[dict]:
             raise UserError(f"{where(*loc, name)}: message {position} must be an object with string 'role' and 'content'")
         out.append({"role": message["role"], "content": message["content"]})
     return out
-
-
-def is_valid_prompt(messages: Sequence[dict]) -> bool:
-    """Optional leading system, then user/assistant alternating from user, ending with user (internals.md)."""
-    turns = list(messages)
-    if turns and turns[0]["role"] == "system":
-        turns = turns[1:]
-    if not turns or turns[-1]["role"] != "user":
-        return False
-    return all(message["role"] == ("user" if position % 2 == 0 else "assistant")
-               for position, message in enumerate(turns))
 
 
 def user_prompt(text: str, system: str | None = None) -> list[dict]:

@@ -14,8 +14,7 @@ Input formats, detected per row (one run may not mix chat, plain-text and templa
 | `{"messages": [{"role","content"}...]}` (ours, annotate/)    | messages                                     |
 | `{"conversations": [{"from","value"}...]}` (ShareGPT)        | messages (human→user, gpt→assistant)         |
 | `{"prompt": msgs or str, "completion": msgs or str}`         | messages (a string prompt becomes one user turn) |
-| `{"prompt": msgs, "chosen": msgs, ...}` (canonical pairs)    | messages: prompt + chosen                    |
-| `{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ..."}` (HH-RLHF raw) | messages of the chosen dialogue        |
+| a preference row in any format of `rlhfkit.data.PREFERENCE_FORMATS` (canonical `prompt`+`chosen`, HH-RLHF raw `chosen`, RLHFlow conversations, LMFlow `positive`); rejected side optional | messages of the chosen dialogue |
 | `{"text": str}`                                              | text                                         |
 | LMFlow file `{"type": "text_only", "instances": [{"text"}]}` | text                                         |
 | LMFlow file `{"type": "text2text", "instances": [{"input","output"}]}` | messages (user/assistant)          |
@@ -40,6 +39,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from .data import RowError, chosen_conversation
 from .errors import UserError, where
 
 logger = logging.getLogger(__name__)
@@ -105,15 +105,6 @@ def _conversation_problem(messages: list[dict]) -> str | None:
     return None
 
 
-def _parse_hh(text: str, path: str, index: int, field_name: str) -> list[dict]:
-    from .data import RowError, parse_hh_dialogue
-
-    try:
-        return parse_hh_dialogue(text, field_name)
-    except RowError as exc:
-        raise UserError(f"{where(path, index, exc.field)}: {exc.message}") from None
-
-
 def _lmflow(row: dict, path: str, index: int) -> tuple[str, dict] | str:
     """An LMFlow instance (rlhfkit.data.read_records tags it with the file's `type`)."""
     kind = row["_lmflow_type"]
@@ -139,24 +130,25 @@ def convert_row(row: Any, path: str, index: int) -> tuple[str, dict] | str:
     if "conversations" in row:
         messages = _sharegpt(row["conversations"], where(path, index, "conversations"))
         return _conversation_problem(messages) or ("messages", {"messages": messages})
-    if "prompt" in row and ("completion" in row or "chosen" in row):
-        second = "completion" if "completion" in row else "chosen"
-        for name in ("prompt", second):
+    if "prompt" in row and "completion" in row:
+        for name in ("prompt", "completion"):
             if row[name] is None:
                 raise UserError(f"{where(path, index, name)}: is missing (null)")
         prompt = _as_turns(row["prompt"], "user", where(path, index, "prompt"))
-        completion = _as_turns(row[second], "assistant", where(path, index, second))
+        completion = _as_turns(row["completion"], "assistant", where(path, index, "completion"))
         if any(m["role"] != "assistant" for m in completion):
-            raise UserError(f"{where(path, index, second)}: must contain only assistant messages")
+            raise UserError(f"{where(path, index, 'completion')}: must contain only assistant messages")
         messages = prompt + completion
         return _conversation_problem(messages) or ("messages", {"messages": messages})
-    if "chosen" in row:  # HH-RLHF raw: the whole dialogue in one string
-        chosen = row["chosen"]
-        if not isinstance(chosen, str):
-            raise UserError(f"{where(path, index, 'chosen')}: expected an HH-RLHF dialogue string or, with 'prompt', messages")
-        messages = _parse_hh(chosen, path, index, "chosen")
+    try:  # preference rows in any format rlhfkit.data knows (its rejected side may be absent): the chosen side
+        chosen = chosen_conversation(row)
+    except RowError as exc:
+        raise UserError(f"{where(path, index, exc.field)}: {exc.message}") from None
+    if chosen is not None:
+        side, conversation = chosen
+        messages = _check_messages(conversation, where(path, index, side))
         if messages[-1]["role"] != "assistant":
-            return "HH dialogue does not end with an Assistant turn"
+            return "chosen dialogue does not end with an assistant turn"
         return _conversation_problem(messages) or ("messages", {"messages": messages})
     if "text" in row:
         text = row["text"]
@@ -164,8 +156,8 @@ def convert_row(row: Any, path: str, index: int) -> tuple[str, dict] | str:
             raise UserError(f"{where(path, index, 'text')}: must be a string")
         return ("text", {"text": text}) if text.strip() else "empty text"
     raise UserError(
-        f"{loc}: no SFT fields found (expected 'messages', 'conversations', 'prompt'+'completion', "
-        f"'prompt'+'chosen', HH-RLHF 'chosen', or 'text'; or pass --text_template); keys: {sorted(row)[:8]}"
+        f"{loc}: no SFT fields found (expected 'messages', 'conversations', 'prompt'+'completion', a preference "
+        f"row's chosen side, or 'text'; or pass --text_template); keys: {sorted(row)[:8]}"
     )
 
 
@@ -301,3 +293,82 @@ def load_sft(paths: str | list[str], text_template: str | None = None, seed: int
 
 
 _KIND_NAMES = {"messages": "chat", "text": "plain-text", "prompt_completion": "--text_template"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# assistant-only loss without {% generation %} markers: incremental rendering
+# ---------------------------------------------------------------------------------------------------------------
+NOT_INCREMENTAL = (
+    "--assistant_only_loss: the chat template has no {{% generation %}} markers, TRL cannot patch it, and it does not "
+    "render conversations incrementally ({why}); pass a --chat_template that wraps assistant content in "
+    "{{% generation %}}…{{% endgeneration %}}, or --assistant_only_loss false"
+)
+
+
+def _common_prefix_length(first: list[int], second: list[int]) -> int:
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+def assistant_token_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation under its chat template, and a 0/1 mask of the tokens its assistant turns add.
+
+    For templates without `{% generation %}` markers (the open-instruct approach): assistant turn i is the tokens
+    between the rendering of `messages[:i]` with the generation prompt and the rendering of `messages[:i+1]`. Each
+    rendering must be a prefix of the whole conversation's tokens, checked token by token, except that its last token
+    may differ if its text starts the rest of the conversation (BPE merged it across the boundary, e.g. a generation
+    prompt ending in a space). A turn's trailing whitespace
+    after its end-of-turn special token (ChatML's "\\n" after <|im_end|>) is layout, left out as markers leave it out.
+    Raises ValueError naming what is wrong when the template does not render incrementally.
+    """
+    from .tokenization import render_ids
+
+    full = render_ids(tokenizer, messages)
+    mask = [0] * len(full)
+    special = set(tokenizer.all_special_ids)
+
+    def boundary(part: list[int], what: str) -> int:
+        shared = _common_prefix_length(part, full)
+        merged = shared == len(part) - 1 and tokenizer.decode(full[shared:]).startswith(tokenizer.decode(part[shared:]))
+        if shared < len(part) and not merged:
+            raise ValueError(f"the rendering up to {what} is not a prefix of the whole conversation's tokens "
+                             f"(they differ at token {shared})")
+        return shared
+
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        try:
+            before = render_ids(tokenizer, messages[:index], add_generation_prompt=True) if index else []
+            after = render_ids(tokenizer, messages[: index + 1])
+        except Exception as exc:  # jinja's TemplateError and whatever a template raises for a partial conversation
+            raise ValueError(f"rendering the turns before message {index} fails: {exc}") from None
+        start = boundary(before, f"the generation prompt of message {index}")
+        end = boundary(after, f"message {index}")
+        cut = end
+        while cut > start and full[cut - 1] not in special and not tokenizer.decode([full[cut - 1]]).strip():
+            cut -= 1
+        if cut < end and cut > start and full[cut - 1] in special:
+            end = cut
+        if end <= start:
+            raise ValueError(f"assistant message {index} adds no tokens")
+        mask[start:end] = [1] * (end - start)
+    return full, mask
+
+
+def tokenize_assistant_only(rows: list[dict], tokenizer) -> list[dict]:
+    """Chat rows → `{"input_ids", "assistant_masks"}` rows by `assistant_token_mask`; TRL's `SFTTrainer` takes these
+    as already tokenised and builds its labels from `assistant_masks`. Raises the one-line UserError when the
+    template does not render incrementally."""
+    out = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            ids, mask = assistant_token_mask(tokenizer, row["messages"])
+        except ValueError as exc:
+            raise UserError(NOT_INCREMENTAL.format(why=f"conversation {number}: {exc}")) from None
+        out.append({"input_ids": ids, "assistant_masks": mask})
+    return out

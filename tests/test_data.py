@@ -182,3 +182,53 @@ def test_file_level_errors(tmp_path):
     scalar.write_text("[1, 2]\n")
     with pytest.raises(UserError, match="row 1: each line must be a JSON object"):
         read_records(scalar)
+
+
+# --- the format table: one place that recognises and converts each format -----------------------------------------
+FORMAT_FIXTURES = {"explicit": "explicit_messages.jsonl", "hh_text": "hh.jsonl", "pair_messages": "rlhflow.jsonl",
+                   "lmflow": "lmflow.json"}
+
+
+def test_every_format_of_the_table_has_a_fixture_it_detects():
+    from rlhfkit.data import PREFERENCE_FORMATS, detect_format, is_preference_row
+
+    assert sorted(fmt.name for fmt in PREFERENCE_FORMATS) == sorted(FORMAT_FIXTURES)
+    for name, fixture in FORMAT_FIXTURES.items():
+        record = read_records(FIXTURES / fixture)[0]
+        assert is_preference_row(record) and detect_format(record) == name, fixture
+    assert not is_preference_row({"prompt": "q"}) and not is_preference_row({"chosen": "only one side"})
+    assert not is_preference_row("not a row")
+
+
+def test_detect_format_names_the_missing_side():
+    from rlhfkit.data import RowError, detect_format
+
+    for row, missing in (({"prompt": "q", "chosen": "a"}, "rejected"), ({"positive": "###Human: q"}, "negative"),
+                         ({"rejected": "b"}, "chosen"), ({"text": "t"}, "chosen")):
+        with pytest.raises(RowError) as info:
+            detect_format(row)
+        assert info.value.field == missing and "missing" in info.value.message
+
+
+def test_lmflow_rows_load_exactly_as_rlhfkit_lmflow_reads_them(tmp_path):
+    """One LMFlow parser: the preference loader keeps whitespace and a ###System: turn, like the converter."""
+    from rlhfkit.lmflow import export_pairs, import_pairs
+
+    rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " two  spaces "}],
+             "chosen": [{"role": "assistant", "content": "yes\n"}], "rejected": [{"role": "assistant", "content": " no"}]}]
+    path = tmp_path / "rm.json"
+    export_pairs(rows, path)
+    loaded = load_preferences([str(path)]).rows
+    assert [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in loaded] == rows == import_pairs(path)
+
+
+def test_is_valid_prompt_is_the_turn_order_of_validate_turns():
+    from rlhfkit.data import is_valid_prompt
+    from rlhfkit.recipes import is_valid_prompt as recipes_is_valid_prompt
+
+    assert recipes_is_valid_prompt is is_valid_prompt
+    system, user, bot = ({"role": r, "content": "x"} for r in ("system", "user", "assistant"))
+    assert is_valid_prompt([system, user, bot, user]) and is_valid_prompt([{"role": "user", "content": ""}])
+    for bad in ([], [system], [user, user], [user, bot], [bot, user], [user, bot, system, user],
+                [{"role": "tool", "content": "x"}, user]):
+        assert not is_valid_prompt(bad), bad

@@ -75,6 +75,18 @@ def test_prompts_of_a_preference_set(tmp_path):
     assert rows.report[path]["dropped_duplicate"] == 1
 
 
+def test_every_preference_format_is_read_as_a_preference_set(tmp_path):
+    """rlhfkit.data decides what a preference row is: LMFlow positive/negative rows give their prompts too."""
+    path = write(tmp_path / "lmflow.jsonl", [
+        {"positive": "###System: Be brief.###Human: pick one###Assistant: a",
+         "negative": "###System: Be brief.###Human: pick one###Assistant: b"},
+    ])
+    rows = load_prompts(path)
+    assert [r["prompt"] for r in rows] == [[{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "pick one"}]]
+    assert rows.report[path]["format_preference"] == 1
+
+
 def test_limits(tmp_path):
     path = write(tmp_path / "p.jsonl", [{"prompt": f"q{i}"} for i in range(5)])
     assert [r["prompt"][0]["content"] for r in load_prompts(f"{path}:2")] == ["q0", "q1"]

@@ -55,6 +55,24 @@ def test_hh_rlhf_raw_uses_the_chosen_dialogue(tmp_path):
     assert sum(data.report["dropped"].values()) == 1
 
 
+def test_every_preference_format_gives_its_chosen_dialogue(tmp_path):
+    """rlhfkit.data's format table decides: RLHFlow conversations and LMFlow positive texts are preference rows too,
+    and a prompt repeated inside chosen (TRL style) is not doubled."""
+    system = {"role": "system", "content": "be kind"}
+    path = _jsonl(tmp_path / "pairs.jsonl", [
+        {"chosen": [U, A], "rejected": [U, {"role": "assistant", "content": "no"}]},
+        {"positive": "###System: be kind###Human: hi###Assistant: hello", "negative": "###Human: hi###Assistant: no"},
+        {"prompt": [U], "chosen": [U, A]},
+        {"chosen": [U]},  # RLHFlow-style, with no reply
+    ])
+    data = load_sft(path)
+    assert data.rows == [{"messages": [U, A]}, {"messages": [system, U, A]}, {"messages": [U, A]}]
+    assert data.report["dropped"] == {"chosen dialogue does not end with an assistant turn": 1}
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"positive": "no tags here"}])
+    with pytest.raises(UserError, match=r"row 1: field 'positive': text before the first '###Human:'"):
+        load_sft(bad)
+
+
 def test_plain_text_and_lmflow(tmp_path):
     text = _jsonl(tmp_path / "t.jsonl", [{"text": "a story"}, {"text": ""}])
     data = load_sft(text)
@@ -135,3 +153,50 @@ def test_sampled_sources_and_skip_invalid(tmp_path):
     data = load_sft(mixed, skip_invalid=True)
     assert data.rows == [{"messages": [U, A]}]
     assert data.report["dropped"] == {"invalid": 1, "no assistant reply": 1}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# assistant_token_mask: assistant-only loss by incremental rendering
+# ---------------------------------------------------------------------------------------------------------------
+def _tokenizer(tiny_llama_dir, template):
+    from rlhfkit.models import load_tokenizer
+
+    return load_tokenizer(tiny_llama_dir, template)
+
+
+def _trained(tokenizer, ids, mask):
+    return ["".join(tokenizer.decode([t]) for t, m in zip(ids, mask) if m)]
+
+
+def test_assistant_mask_takes_a_token_merged_across_the_generation_prompt(tiny_llama_dir):
+    from rlhfkit.sft_data import assistant_token_mask
+
+    # the generation prompt ends in a space, which BPE merges into the reply's first word (" hello")
+    tokenizer = _tokenizer(tiny_llama_dir, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                                           "{% if add_generation_prompt %}assistant: {% endif %}")
+    ids, mask = assistant_token_mask(tokenizer, [U, A, U, {"role": "assistant", "content": "good day"}])
+    assert ids == tokenizer.apply_chat_template([U, A, U, {"role": "assistant", "content": "good day"}],
+                                                return_dict=True)["input_ids"]
+    assert len(mask) == len(ids) and set(mask) == {0, 1}
+    # no EOS in this template: the newline after a reply is how a turn ends, so it is trained
+    assert _trained(tokenizer, ids, mask) == [" hello\n good day\n"]
+
+
+def test_assistant_mask_refuses_templates_that_do_not_render_incrementally(tiny_llama_dir):
+    from rlhfkit.sft_data import assistant_token_mask, tokenize_assistant_only
+
+    counted = _tokenizer(tiny_llama_dir, "{{ messages | length }}\n{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    with pytest.raises(ValueError, match="not a prefix"):
+        assistant_token_mask(counted, [U, A])
+    with pytest.raises(UserError, match=r"conversation 2: .*not a prefix.*--assistant_only_loss false"):
+        tokenize_assistant_only([{"messages": [A]}, {"messages": [U, A]}],
+                                _tokenizer(tiny_llama_dir, "{% if messages | length == 2 %}x{% endif %}"
+                                                           "{% for m in messages %}{{ m['content'] }}{% endfor %}"))
+    silent = _tokenizer(tiny_llama_dir, "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}"
+                                        "{% endif %}{% endfor %}")
+    with pytest.raises(ValueError, match="adds no tokens"):
+        assistant_token_mask(silent, [U, A])
+    strict = _tokenizer(tiny_llama_dir, "{% if messages[-1]['role'] != 'assistant' %}{{ raise_exception('no') }}"
+                                        "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ValueError, match="rendering the turns before message 1 fails"):
+        assistant_token_mask(strict, [U, A])

@@ -69,7 +69,6 @@ MULTI_TURN = {"messages": [
 
 def _prepared_dataset(tmp_path, rows, *extra):
     """The dataset exactly as SFTTrainer will train on it, built through sft_train's own wiring."""
-    import datasets
     from trl import SFTTrainer
 
     from rlhfkit.models import load_causal_lm, load_tokenizer, resolve_model
@@ -79,12 +78,12 @@ def _prepared_dataset(tmp_path, rows, *extra):
         "--dataset_path", _write(tmp_path / "rows.jsonl", rows), "--output_dir", str(tmp_path / "unused"), *COMMON, *extra
     )
     path, _ = resolve_model("tiny-random-llama")
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, model_args.chat_template)
     data = load_sft(script_args.dataset_path, script_args.text_template)
-    sft_train.configure_loss_masking(training_args, data.kind, tokenizer)
+    masking = sft_train.configure_loss_masking(training_args, data.kind, tokenizer)
     training_args.output_dir = str(tmp_path / "ckpt")
     trainer = sft_train.build_trainer(SFTTrainer, load_causal_lm(path), tokenizer, training_args,
-                                      datasets.Dataset.from_list(data.rows), None, None)
+                                      sft_train.sft_dataset(data.rows, tokenizer, masking), None, None)
     return trainer.train_dataset, tokenizer
 
 
@@ -116,6 +115,98 @@ def test_assistant_only_masking_token_by_token(tmp_path):
     assert trained_text == "The cat is kind.<|im_end|>The dog is happy and warm.<|im_end|>"
     special_trained = {tokenizer.decode([t]) for t, label in zip(ids, labels) if label != -100 and t in tokenizer.all_special_ids}
     assert special_trained == {"<|im_end|>"}
+
+
+# Chat templates without {% generation %} markers that TRL cannot patch, of three shapes, each with the text its
+# assistant turns must train on (the reply and its end-of-turn token, nothing of the layout around them).
+CHATML_NO_MARKERS = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA3_HEADERS = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# Llama-2 style: the system turn folded into the first user turn, no generation prompt, EOS after each reply
+SYSTEM_FOLDED = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = none %}{% set turns = messages %}{% endif %}"
+    "{% for m in turns %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+    "{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' }}{% if loop.first and system %}"
+    "{{ '<<SYS>>\n' + system + '\n<</SYS>>\n\n' }}{% endif %}{{ m['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+TEMPLATES_WITHOUT_MARKERS = {
+    "chatml": (CHATML_NO_MARKERS, "{}<|im_end|>"),
+    "llama3_headers": (LLAMA3_HEADERS, "{}<|eot_id|>"),
+    "system_folded": (SYSTEM_FOLDED, " {} <|im_end|>"),
+}
+
+
+def _expected_assistant_tokens(tokenizer, messages, reply_format, ids):
+    """Per token, whether it lies inside an assistant reply (as `reply_format` spells it), found in the rendered
+    text by character offsets: an expectation independent of the masking code."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    assert encoded["input_ids"] == ids
+    spans, cursor = [], 0
+    for message in messages:
+        if message["role"] == "assistant":
+            reply = reply_format.format(message["content"])
+            start = text.index(reply, cursor)
+            spans.append((start, start + len(reply)))
+            cursor = start + len(reply)
+    return [any(s <= a and b <= e for s, e in spans) for a, b in encoded["offset_mapping"]]
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES_WITHOUT_MARKERS))
+def test_assistant_only_loss_without_generation_markers_trains_with_default_flags(tmp_path, data_dir, name,
+                                                                                 monkeypatch):
+    from trl.chat_template_utils import get_training_chat_template
+
+    from rlhfkit.models import load_tokenizer, resolve_model
+
+    template, reply_format = TEMPLATES_WITHOUT_MARKERS[name]
+    template_file = tmp_path / f"{name}.jinja"
+    template_file.write_text(template)
+    with pytest.raises(ValueError):  # TRL alone refuses it: the case the incremental render exists for
+        get_training_chat_template(load_tokenizer(resolve_model("tiny-random-llama")[0], template))
+
+    built = []
+
+    def build_and_keep(*args, **kwargs):
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+
+    real_build = sft_train.build_trainer
+    monkeypatch.setattr(sft_train, "build_trainer", build_and_keep)
+    rows = [MULTI_TURN] + _chat_rows(SUBJECTS[:4], 0, 7)
+    out = tmp_path / "sft"
+    metrics = sft_train.main(*_args(  # default flags: --assistant_only_loss true
+        "--dataset_path", _write(tmp_path / "rows.jsonl", rows), "--output_dir", str(out), "--max_steps", "1",
+        "--per_device_train_batch_size", "2", "--chat_template", str(template_file), *COMMON,
+    ))
+    assert metrics["train_loss"] > 0
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["loss_on"] == "assistant tokens" and info["assistant_mask"] == "incremental render"
+
+    tokenizer = built[0].processing_class
+    prepared = list(built[0].train_dataset)  # shuffled
+    assert len(prepared) == len(rows)
+    for messages in (MULTI_TURN["messages"], rows[1]["messages"]):
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        row = next(row for row in prepared if row["input_ids"] == ids)
+        expected = _expected_assistant_tokens(tokenizer, messages, reply_format, ids)
+        for position, (token, label, trained) in enumerate(zip(ids, row["labels"], expected)):
+            piece = tokenizer.decode([token])
+            if trained:
+                assert label == token, f"{name}: token {position} {piece!r} (assistant) carries no loss"
+            else:
+                assert label == -100, f"{name}: token {position} {piece!r} (user/system/template) carries loss"
+        trained_text = "".join(tokenizer.decode([t]) for t, label in zip(ids, row["labels"]) if label != -100)
+        assert trained_text == "".join(reply_format.format(m["content"]) for m in messages if m["role"] == "assistant")
 
 
 def test_text_template_puts_loss_on_the_answer_and_plain_text_on_everything(tmp_path):
@@ -294,10 +385,13 @@ def test_cli_help_and_one_line_errors(tmp_path, data_dir, capsys):
     if importlib.util.find_spec("wandb") is None:
         assert "needs the 'wandb' package" in stage_error(*base, "--output_dir", str(tmp_path / "w"), "--report_to",
                                                           "wandb")
-    no_markers = tmp_path / "plain.jinja"
-    no_markers.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
-    assert "{% generation %}" in stage_error(*base, "--output_dir", str(tmp_path / "d"), "--chat_template",
-                                             str(no_markers))
+    # no markers, and no incremental rendering either: the header counts the turns, so no prefix of a conversation
+    # renders as a prefix of the whole
+    not_incremental = tmp_path / "counted.jinja"
+    not_incremental.write_text("{{ messages | length }} turns\n{% for m in messages %}{{ m['role'] }}: "
+                               "{{ m['content'] }}\n{% endfor %}")
+    error = stage_error(*base, "--output_dir", str(tmp_path / "d"), "--chat_template", str(not_incremental))
+    assert "{% generation %}" in error and "conversation 1" in error and "not a prefix" in error
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs" / "recipes" / "sft").glob("*.yaml")), ids=lambda p: p.name)
