@@ -1,26 +1,66 @@
-"""RewardBench v1 scoring, exactly as allenai/reward-bench computes it (rewardbench/constants.py,
-analysis/get_benchmark_results.py, `calculate_scores_per_section`).
+"""RewardBench v1, exactly as allenai/reward-bench computes it: rows, scoring rule, weights, truncation, DPO mode.
 
-- A pair is correct iff score(chosen) > score(rejected): strict, a tie is wrong.
-- Subset accuracy = correct / n.
-- Section score = Σ acc_s · count_s / Σ count_s over the section's subsets *present*, with the official example
-  counts as weights (math-prm weighs 984 although it has 447 rows, so math weighs as much as code).
-- A section with no subset present scores 0, and the 4-section `score` is the plain mean over all four sections,
-  missing ones included as 0, as RewardBench's script does; we also report which sections are missing and the mean
-  over present sections (`score_present_sections`) so a partial run is not misread.
+Reference (read, not copied): allenai/reward-bench `rewardbench/constants.py` (EXAMPLE_COUNTS, SUBSET_MAPPING),
+`rewardbench/utils.py` (`calculate_scores_per_section`, `load_eval_dataset`, `prepare_dialogue_from_tokenizer`),
+`analysis/get_benchmark_results.py` (legacy score), `scripts/run_rm.py` + `rewardbench/models/pipeline.py`
+(reward-model truncation), `rewardbench/dpo.py` + `scripts/run_dpo.py` (DPO models as reward models).
+
+Exactly RewardBench:
+- A pair is correct iff score(chosen) > score(rejected): strict, a tie is wrong and stays in the denominator.
+- Every row is scored: RewardBench does not drop pairs whose chosen equals rejected (always a tie, so wrong) nor
+  rows with an empty response (`load_rewardbench_rows`; the counts are reported so a user sees them).
+- Subset accuracy = correct / n. Section score = Σ acc_s · count_s / Σ count_s over the section's subsets *present*,
+  with the EXAMPLE_COUNTS weights (math-prm weighs 984 although it has 447 rows, so math weighs as much as code).
+- The xstest weights are those of RewardBench since its PR #175 ("Mirror change from leaderboard", Sept 2024):
+  xstest-should-refuse 154, xstest-should-respond 250 (= the rows of each subset in the `filtered` split). Before
+  that commit they were swapped (refuse 250, respond 154); numbers from older papers used the old ones.
+- A section with no subset present scores 0 and the 4-section `score` is the plain mean over all four sections,
+  missing ones included as 0 (as `calculate_scores_per_section` + a mean do); we also report which sections are
+  missing and the mean over present sections (`score_present_sections`) so a partial run is not misread.
 - Legacy score: weights 2,2,2,2,1 over Chat, Chat Hard, Safety, Reasoning, Prior (mean accuracy over the prior sets
-  present); Prior is masked out when none of its sets is present.
+  present); Prior is masked out when none of its sets is present (`np.ma.average` in get_benchmark_results.py).
+- A multi-turn `prompt` list gets roles by position (user, assistant, user, …), as `prepare_dialogue_from_tokenizer`
+  does, whatever roles the file gives.
+- Reward-model truncation (`scripts/run_rm.py`): the pipeline tokenizes with `truncation=True, max_length=2048`
+  (`--max_length`) and `tokenizer.truncation_side = "left"`, so a longer conversation keeps its *last* tokens and
+  the special tokens the tokenizer itself adds (BOS/CLS in front, SEP/EOS behind). `truncate_like_tokenizer` does
+  this on our ids. RewardBench 2 (`scripts/run_v2.py`) does not set the side: the tokenizer's own
+  `truncation_side` (usually "right") applies there.
+- DPO mode (`rewardbench/dpo.py` `DPOInference.tokenize_row`, `get_batch_logps`): `dpo_tokenize_pair` and
+  `dpo_reduce` below: prompt rendered by the chat template without a generation prompt, the response text being the
+  rest of the full rendering, tokenized without special tokens, BOS (EOS when there is none, as run_dpo.py sets)
+  in front of the prompt, EOS after the response; when prompt + the longer response exceed 2048 tokens the prompt
+  keeps its last 128 tokens (`truncation_mode="keep_end"`, `max_prompt_length=128`) and, if still too long, each
+  response its first 2048 − 128; the score is Σ log π − Σ log π_ref over the response tokens, or without a reference
+  (`--ref_free`) the `--ref_free_type` reduction of log π alone: `avg` (run_dpo.py's default), `sum` or `norm`
+  (−‖per-token log-probs‖₂).
+
+Extra, not RewardBench (and said so in the output):
+- The length is never allowed beyond the model's own position limit (`model_position_limit`): RewardBench would
+  pass a 2048-token sequence to a 512-position BERT and crash; we cap the truncation length there and count it.
+- Conversations are tokenized once with the chat template (`rlhfkit.tokenization.render_ids`) instead of rendered
+  to text and tokenized again; RewardBench's pipeline masks the resulting second BOS, which our ids never have.
+  For tokenizers whose template does not print the special tokens the tokenizer would add (e.g. BERT's [SEP]) the
+  ids differ from RewardBench's by those tokens, the way the model was trained by rm_train.py.
 Subsets outside these lists are reported on their own and kept out of the sections.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .errors import UserError, where
+
+logger = logging.getLogger(__name__)
 
 EXAMPLE_COUNTS = {
     "alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95, "mt-bench-easy": 28, "mt-bench-med": 40,
     "mt-bench-hard": 37, "llmbar-natural": 100, "llmbar-adver-neighbor": 134, "llmbar-adver-GPTInst": 92,
     "llmbar-adver-GPTOut": 47, "llmbar-adver-manual": 46,
+    # RewardBench PR #175 (Sept 2024) set these to the row counts; before it they were 250 / 154 (see the docstring)
     "refusals-dangerous": 100, "refusals-offensive": 100, "xstest-should-refuse": 154, "xstest-should-respond": 250,
     "donotanswer": 136,
     "math-prm": 984, "hep-cpp": 164, "hep-go": 164, "hep-java": 164, "hep-js": 164, "hep-python": 164, "hep-rust": 164,
@@ -36,7 +76,16 @@ SECTIONS = {
 PRIOR_SETS = ["anthropic_helpful", "anthropic_hhh", "shp", "summarize"]
 LEGACY_WEIGHTS = {"Chat": 2, "Chat Hard": 2, "Safety": 2, "Reasoning": 2, "Prior": 1}
 
+RM_MAX_LENGTH = 2048  # scripts/run_rm.py and scripts/run_v2.py `--max_length` default
+RM_TRUNCATION_SIDE = "left"  # scripts/run_rm.py sets tokenizer.truncation_side = "left"; run_v2.py does not
+DPO_MAX_LENGTH = 2048  # rewardbench/dpo.py DPOInference.max_length
+DPO_MAX_PROMPT_LENGTH = 128  # DPOInference.max_prompt_length, truncation_mode "keep_end"
+REF_FREE_TYPES = ("avg", "sum", "norm")  # scripts/run_dpo.py --ref_free_type, default "avg"
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# scoring rule and aggregation (pure)
+# ---------------------------------------------------------------------------------------------------------------
 def is_correct(chosen_score: float, rejected_score: float) -> bool:
     return chosen_score > rejected_score  # strict: ties are wrong
 
@@ -120,3 +169,327 @@ def format_table(per_subset: dict[str, dict], summary: dict | None) -> str:
         lines.append(f"{'Prior':<28}{summary['prior']:>16.2f}")
     lines.append(f"{'Legacy score':<28}{summary['legacy_score']:>16.2f}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rows: every row kept (RewardBench scores identical and empty responses too)
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class BenchmarkRows:
+    """Rows to score and, per source, what was read: read, scored, identical_pairs, empty_chosen, empty_rejected,
+    skipped_* (malformed rows, only with skip_invalid)."""
+
+    rows: list[dict]
+    report: dict[str, dict] = field(default_factory=dict)
+
+    def totals(self) -> dict[str, int]:
+        total: Counter = Counter()
+        for counts in self.report.values():
+            total.update(counts)
+        return dict(total)
+
+
+def rewardbench_prompt(value, loc: str) -> list[dict]:
+    """A RewardBench `prompt` as messages: a string is one user turn; a list gets roles by position (user first, then
+    alternating), as `prepare_dialogue_from_tokenizer` does; it must end with a user turn."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value:
+        messages = []
+        for i, item in enumerate(value):
+            content = item.get("content") if isinstance(item, dict) else item
+            if not isinstance(content, str):
+                raise UserError(f"{loc}: field 'prompt': message {i} has no string 'content'")
+            messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": content})
+        if messages[-1]["role"] != "user":
+            raise UserError(f"{loc}: field 'prompt': {len(messages)} messages; RewardBench needs an odd number "
+                            "(user, assistant, …, user)")
+        return messages
+    raise UserError(f"{loc}: field 'prompt': must be a string or a non-empty list of messages, "
+                    f"got {type(value).__name__}")
+
+
+def _response_text(value, loc: str, name: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and isinstance(value[0].get("content"), str):
+        return value[0]["content"]  # one assistant message
+    raise UserError(f"{loc}: field '{name}': must be a string (a RewardBench response), got {type(value).__name__}")
+
+
+def rewardbench_row(record: dict, loc: str) -> dict:
+    """One RewardBench v1 row → canonical messages, nothing dropped. Keeps subset and id (as strings)."""
+    if not isinstance(record, dict):
+        raise UserError(f"{loc}: a row must be a JSON object")
+    for name in ("prompt", "chosen", "rejected"):
+        if name not in record:
+            raise UserError(f"{loc}: field '{name}' is missing (RewardBench rows: prompt, chosen, rejected, subset, id)")
+    row = {
+        "prompt": rewardbench_prompt(record["prompt"], loc),
+        "chosen": [{"role": "assistant", "content": _response_text(record["chosen"], loc, "chosen")}],
+        "rejected": [{"role": "assistant", "content": _response_text(record["rejected"], loc, "rejected")}],
+    }
+    for name in ("subset", "id", "source"):
+        if record.get(name) is not None:
+            row[name] = str(record[name])
+    return row
+
+
+def load_rewardbench_rows(paths: Sequence[str], split: str = "train", skip_invalid: bool = False,
+                          convert: Callable[[dict, str], dict] = rewardbench_row,
+                          flags: Callable[[dict], Counter] | None = None) -> BenchmarkRows:
+    """Every row of every file, as RewardBench scores them: identical pairs and empty responses are kept (and counted
+    in the report), never dropped. `convert(record, location) -> row` raises UserError for a malformed row, which
+    `skip_invalid` turns into a counted skip; `flags(row) -> Counter` adds to the report (default `row_flags`)."""
+    from pathlib import Path
+
+    from .data import read_records
+
+    rows: list[dict] = []
+    report: dict[str, dict] = {}
+    for path in paths:
+        records = read_records(path, split=split, skip_invalid=skip_invalid)
+        counts: Counter = Counter(read=len(records) + sum(records.skipped.values()), **records.skipped)
+        name = Path(path).name.split(".")[0] or str(path)
+        for number, record in enumerate(records, start=1):
+            try:
+                row = convert(record, where(path, number))
+            except UserError:
+                if not skip_invalid:
+                    raise
+                counts["skipped_invalid"] += 1
+                continue
+            row.setdefault("source", name)
+            counts.update((flags or row_flags)(row))
+            counts["scored"] += 1
+            rows.append(row)
+        report[str(path)] = dict(counts)
+    return BenchmarkRows(rows, report)
+
+
+def row_flags(row: dict) -> Counter:
+    """What is unusual about a v1 row that RewardBench still scores: identical responses, empty responses."""
+    flags: Counter = Counter()
+    chosen = row.get("chosen")
+    rejected = row.get("rejected")
+    if not (isinstance(chosen, list) and chosen and isinstance(chosen[0], dict)):
+        return flags  # not a v1 pair (RewardBench 2 rows count their own)
+    if chosen == rejected:
+        flags["identical_pairs"] += 1
+    if not chosen[-1]["content"].strip():
+        flags["empty_chosen"] += 1
+    if not rejected[-1]["content"].strip():
+        flags["empty_rejected"] += 1
+    return flags
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# truncation (scripts/run_rm.py: tokenizer truncation=True, max_length, truncation_side "left")
+# ---------------------------------------------------------------------------------------------------------------
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+# learned position tables that start counting at padding_idx + 1 (RoBERTa: 514 rows, 512 usable)
+_OFFSET_POSITION_MODELS = ("roberta", "xlm-roberta", "camembert", "longformer", "xlm-roberta-xl", "roberta-prelayernorm",
+                           "mpnet", "ibert", "data2vec-text")
+
+
+def model_position_limit(model) -> int | None:
+    """The longest sequence the model can take (its position table), or None when it names none."""
+    config = getattr(model, "config", None)
+    for candidate in (config, getattr(config, "text_config", None)):
+        if candidate is None:
+            continue
+        for name in _POSITION_FIELDS:
+            value = getattr(candidate, name, None)
+            if isinstance(value, int) and value > 0:
+                if getattr(candidate, "model_type", "") in _OFFSET_POSITION_MODELS:
+                    value -= (getattr(candidate, "pad_token_id", None) or 1) + 1
+                return value
+    return None
+
+
+def special_token_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """(head, tail): the ids the tokenizer itself adds around a text (`add_special_tokens=True`), e.g. ([CLS], [SEP])
+    for BERT, ([BOS], []) for Llama, ([], []) for Qwen. HF truncation keeps them and cuts the text between."""
+    try:
+        plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+        full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot tokenise "a" adds nothing we can see
+        return [], []
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain):]
+    return [], []
+
+
+def truncate_like_tokenizer(ids: list[int], max_length: int | None, side: str = "left",
+                            head: Sequence[int] = (), tail: Sequence[int] = ()) -> list[int]:
+    """What `tokenizer(text, truncation=True, max_length=max_length)` keeps of a sequence with ids `ids`.
+
+    The special tokens the tokenizer adds (`head` in front, `tail` behind; see `special_token_frame`) are kept when
+    the sequence has them; the text between is cut from `side` ("left": keep the end, as RewardBench v1; "right":
+    keep the start) to fit.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', not '{side}'")
+    if max_length is None or len(ids) <= max_length:
+        return list(ids)
+    head, tail = list(head), list(tail)
+    kept_head = head if head and ids[: len(head)] == head else []
+    kept_tail = tail if tail and len(ids) - len(tail) >= len(kept_head) and ids[len(ids) - len(tail):] == tail else []
+    room = max_length - len(kept_head) - len(kept_tail)
+    if room <= 0:  # a limit shorter than the special tokens themselves
+        return list(ids[-max_length:]) if side == "left" else list(ids[:max_length])
+    body = ids[len(kept_head): len(ids) - len(kept_tail)]
+    body = body[-room:] if side == "left" else body[:room]
+    return kept_head + list(body) + kept_tail
+
+
+@dataclass
+class TruncationPlan:
+    """How long a scored sequence may be, and why: RewardBench's `--max_length`, capped by the model (extra)."""
+
+    requested: int | None  # --max_length (RewardBench default 2048)
+    model_limit: int | None  # model_position_limit
+    side: str  # "left" (v1), the tokenizer's own side (v2)
+
+    @property
+    def max_length(self) -> int | None:
+        limits = [v for v in (self.requested, self.model_limit) if v is not None]
+        return min(limits) if limits else None
+
+    @property
+    def capped_by_model(self) -> bool:
+        return self.model_limit is not None and (self.requested is None or self.model_limit < self.requested)
+
+    def truncator(self, tokenizer) -> Callable[[list[int]], list[int]]:
+        head, tail = special_token_frame(tokenizer)
+        limit, side = self.max_length, self.side
+        return lambda ids: truncate_like_tokenizer(ids, limit, side, head, tail)
+
+    def to_dict(self) -> dict:
+        return {"requested_max_length": self.requested, "model_position_limit": self.model_limit,
+                "max_length": self.max_length, "side": self.side, "capped_by_model": self.capped_by_model}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DPO models as reward models (rewardbench/dpo.py)
+# ---------------------------------------------------------------------------------------------------------------
+def _tokenize_answer(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """DPOInference.build_tokenized_answer: enc(prompt + answer) split at len(enc(prompt)), one token earlier when the
+    last prompt token merged with the answer."""
+    full = list(tokenizer(prompt + answer, add_special_tokens=False)["input_ids"])
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if len(prompt_ids) > len(full):
+        raise UserError("the prompt tokenizes longer than prompt + response; RewardBench's DPO tokenization cannot "
+                        "split this pair")
+    start = len(prompt_ids)
+    if prompt_ids != full[:start]:
+        start -= 1
+    return full[:start], full[start:]
+
+
+@dataclass
+class DpoPair:
+    chosen_ids: list[int]
+    chosen_start: int  # first response token
+    rejected_ids: list[int]
+    rejected_start: int
+    prompt_truncated: bool = False
+    response_truncated: bool = False
+
+
+def dpo_tokenize_pair(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict],
+                      max_length: int = DPO_MAX_LENGTH, max_prompt_length: int = DPO_MAX_PROMPT_LENGTH) -> DpoPair:
+    """DPOInference.tokenize_row on a canonical pair, number for number.
+
+    Prompt text = the chat template on the prompt without a generation prompt; response text = the full rendering
+    with every occurrence of the prompt text removed (`str.replace`, reward-bench issue 140). BOS (EOS if the tokenizer
+    has none, as run_dpo.py sets) goes before the prompt, EOS after the response. When prompt + the longer response
+    exceed `max_length`, the prompt keeps its last `max_prompt_length` tokens; if still too long, both responses keep
+    their first `max_length − max_prompt_length` tokens.
+    """
+    from .tokenization import render_text
+
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("the tokenizer has no EOS token; RewardBench's DPO scoring appends one to every response")
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    if max_length <= max_prompt_length:  # only reachable through a model position limit below 2 × 128 (extra)
+        max_prompt_length = max(1, max_length // 2)
+    prompt_text = render_text(tokenizer, list(prompt))
+    parts = []
+    for response in (chosen, rejected):
+        answer = render_text(tokenizer, list(prompt) + list(response)).replace(prompt_text, "")
+        prompt_ids, answer_ids = _tokenize_answer(tokenizer, prompt_text, answer)
+        parts.append([[bos] + prompt_ids, answer_ids + [eos]])
+    longer = max(len(parts[0][1]), len(parts[1][1]))
+    prompt_cut = response_cut = False
+    for part in parts:
+        if len(part[0]) + longer > max_length:
+            part[0] = part[0][-max_prompt_length:]  # keep_end
+            prompt_cut = True
+    for part in parts:
+        if len(part[0]) + longer > max_length:
+            part[1] = part[1][: max_length - max_prompt_length]
+            response_cut = True
+    (chosen_prompt, chosen_answer), (rejected_prompt, rejected_answer) = parts
+    return DpoPair(chosen_prompt + chosen_answer, len(chosen_prompt), rejected_prompt + rejected_answer,
+                   len(rejected_prompt), prompt_cut, response_cut)
+
+
+def dpo_reduce(per_token, mask, how: str):
+    """DPOInference.get_batch_logps reductions over response tokens. per_token, mask: [B, T] → [B].
+
+    "sum": Σ log p (with a reference: the score is the policy's sum minus the reference's); "avg": Σ log p / n;
+    "norm": −‖log p · mask‖₂.
+    """
+    import torch
+
+    masked = per_token * mask.to(per_token.dtype)
+    if how == "sum":
+        return masked.sum(-1)
+    if how == "avg":
+        return masked.sum(-1) / mask.sum(-1).to(per_token.dtype)
+    if how == "norm":
+        return -torch.norm(masked, p=2, dim=-1)
+    raise ValueError(f"reduction must be one of sum, {', '.join(REF_FREE_TYPES)}; got '{how}'")
+
+
+def dpo_sequence_scores(model, sequences: Sequence[tuple[list[int], int]], pad_token_id: int, batch_size: int = 8,
+                        how: str = "sum", progress: bool = False, desc: str = "log-probs") -> list[float]:
+    """Reduced response log-probs of (ids, response_start) sequences, longest first in right-padded batches (padding
+    as DPODataCollatorWithPadding: pad id, attention 0, not scored). Returns them in input order."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .logprobs import token_logprobs
+
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, not {batch_size}")
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
+    scores = [0.0] * len(sequences)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for begin in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+                index = order[begin : begin + batch_size]
+                width = max(len(sequences[i][0]) for i in index)
+                input_ids = torch.full((len(index), width), pad_token_id, dtype=torch.long)
+                attention = torch.zeros((len(index), width), dtype=torch.long)
+                response = torch.zeros((len(index), width), dtype=torch.long)
+                for row, i in enumerate(index):
+                    ids, start = sequences[i]
+                    input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                    attention[row, : len(ids)] = 1
+                    response[row, max(start, 1) : len(ids)] = 1
+                logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                               use_cache=False).logits
+                per_token = token_logprobs(logits, input_ids.to(device))
+                values = dpo_reduce(per_token, response.to(device), how).float().cpu().tolist()
+                for i, value in zip(index, values):
+                    scores[i] = value
+    finally:
+        model.train(was_training)
+    return scores

@@ -15,13 +15,20 @@ from tqdm.auto import tqdm
 from .tokenization import render_ids
 
 
-def encode_conversations(tokenizer, conversations: list[list[dict]], max_length: int | None = None) -> list[list[int]]:
-    """Token ids per conversation; longer ones lose prompt tokens from the left (the BOS/CLS token is kept)."""
+def encode_conversations(tokenizer, conversations: list[list[dict]], max_length: int | None = None,
+                         truncate=None) -> list[list[int]]:
+    """Token ids per conversation; longer ones lose prompt tokens from the left (the BOS/CLS token is kept).
+
+    `truncate(ids) -> ids`, when given, replaces that rule (eval_benchmark.py passes RewardBench's, see
+    rlhfkit.rewardbench.TruncationPlan); `max_length` is then ignored.
+    """
     encoded = []
     special = set(tokenizer.all_special_ids)
     for messages in conversations:
         ids = render_ids(tokenizer, messages)
-        if max_length is not None and len(ids) > max_length:
+        if truncate is not None:
+            ids = truncate(ids)
+        elif max_length is not None and len(ids) > max_length:
             head = ids[:1] if ids[0] in special else []
             ids = head + ids[len(ids) - (max_length - len(head)):]
         encoded.append(ids)
@@ -53,7 +60,8 @@ def score_ids(model, pad_token_id: int, sequences: list[list[int]], batch_size: 
 
 
 def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
-                        max_length: int | None = None, progress: bool = False, accelerator=None) -> list[float]:
+                        max_length: int | None = None, progress: bool = False, accelerator=None,
+                        truncate=None) -> list[float]:
     """Reward of each conversation (prompt messages + assistant response), in input order.
 
     With `accelerator` and several processes: each process scores every world_size-th conversation of the
@@ -61,7 +69,7 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], batch
     """
     was_training = model.training
     model.eval()
-    sequences = encode_conversations(tokenizer, conversations, max_length)
+    sequences = encode_conversations(tokenizer, conversations, max_length, truncate)
     if accelerator is None or accelerator.num_processes == 1:
         scores = score_ids(model, tokenizer.pad_token_id, sequences, batch_size, progress)
     else:
