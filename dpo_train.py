@@ -32,20 +32,25 @@ import gc
 import logging
 from dataclasses import dataclass, field
 
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig
 
-from rlhfkit.args import ModelArguments, DataArguments, TrainingDefaults
+from rlhfkit.args import ModelArguments, DataArguments, PairwiseArguments, TrainingDefaults
 from rlhfkit.cli import run_stage, setup_logging, to_dict
+from rlhfkit.dpo_trainer import PackedDPOTrainer
 from rlhfkit.errors import UserError
 
 logger = logging.getLogger("dpo_train")
 
 
 @dataclass
-class ScriptArguments(DataArguments):
+class ScriptArguments(PairwiseArguments, DataArguments):
     ref_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Reference model (dir or built-in name); default: --model_name_or_path."}
     )
+
+    def __post_init__(self):
+        DataArguments.__post_init__(self)
+        PairwiseArguments.__post_init__(self)
 
 
 @dataclass
@@ -56,16 +61,16 @@ class DPOArguments(TrainingDefaults, DPOConfig):
 def main(script_args: ScriptArguments, model_args: ModelArguments, training_args: DPOArguments) -> dict:
     # ---------------------------------------------------------------- setup
     import datasets
+    import transformers
 
     from rlhfkit.checkpoints import StageOutput, fingerprint, parent_from_model, parent_record, save_final_model
     from rlhfkit.data import load_train_eval
     from rlhfkit.models import (ensure_pad_token, load_causal_lm, load_tokenizer, match_vocabulary, peft_config,
                                 resolve_model)
 
-    stage, resume_from, final_output_dir = StageOutput.for_trainer(training_args, "dpo",
-                                                                   overwrite=model_args.overwrite_output_dir)
-    arguments = to_dict(script_args, model_args, training_args) | {"output_dir": final_output_dir}
+    StageOutput.check_free(training_args.output_dir, model_args.overwrite_output_dir)
     setup_logging(training_args.process_index == 0)
+    transformers.set_seed(training_args.seed)  # LoRA's initialisation follows --seed, not the process history
 
     # ---------------------------------------------------------------- model & tokenizer
     model_path, model_record = resolve_model(model_args.model_name_or_path)
@@ -95,7 +100,13 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     logger.info("training pairs: %d, held-out pairs: %d", len(train_rows), len(eval_rows))
 
     # ---------------------------------------------------------------- train
-    trainer = DPOTrainer(
+    # the staging dir appears only now, so bad input above leaves nothing behind
+    stage, resume_from, final_output_dir = StageOutput.for_trainer(training_args, "dpo",
+                                                                   overwrite=model_args.overwrite_output_dir)
+    arguments = to_dict(script_args, model_args, training_args) | {"output_dir": final_output_dir}
+    trainer = PackedDPOTrainer(
+        pairwise_forward=script_args.pairwise_forward,
+        max_tokens_per_batch=script_args.max_tokens_per_batch,
         model=model,
         ref_model=ref_model,
         args=training_args,
@@ -136,6 +147,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
                     "train_pairs": len(train_rows), "eval_pairs": len(eval_rows), "truncated_to_max_length": too_long,
                     "dropped_prompt_too_long": prompt_too_long},
         "objective": {"loss_type": list(training_args.loss_type), "beta": training_args.beta},
+        "pairwise_forward": trainer.pairwise_layout,
         "tokenizer": {"chat_template": tokenizer.init_kwargs.get("rlhfkit_chat_template_source"), "pad": pad_action},
         "lora": {"merged": not model_args.save_adapter_only} if model_args.use_peft else None,
     }

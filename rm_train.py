@@ -23,7 +23,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from rlhfkit.args import ModelArguments, DataArguments, TrainingDefaults
+from rlhfkit.args import ModelArguments, DataArguments, PairwiseArguments, TrainingDefaults
 from trl import RewardConfig
 
 from rlhfkit.cli import run_stage, setup_logging, to_dict
@@ -34,7 +34,7 @@ logger = logging.getLogger("rm_train")
 
 
 @dataclass
-class ScriptArguments(DataArguments):
+class ScriptArguments(PairwiseArguments, DataArguments):
     truncation: str = field(
         default="left_prompt",
         metadata={"help": "Pairs longer than --max_length: 'left_prompt' cuts the prompt from the left and keeps both "
@@ -44,18 +44,23 @@ class ScriptArguments(DataArguments):
     alpha: float = field(default=0.99, metadata={"help": "MORE: weight of the current step's per-source head gradient "
                          "in its running average (1 = no momentum; see rlhfkit/more.py)."})
     normalize: str = field(default="l2", metadata={"help": "MORE: gradient normalisation before the min-norm solve: l2 | none."})
+    more_weighting: str = field(default="reference", metadata={"help": "MORE: reference (the paper's code: losses "
+                                "weighted by the min-norm λ) | inverse_norm (λ_k/‖g_k‖, see rlhfkit/more.py)."})
     reward_stats_samples: int = field(
         default=1000, metadata={"help": "Training pairs scored after training for run_info.json's reward mean/std."}
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        DataArguments.__post_init__(self)
+        PairwiseArguments.__post_init__(self)
         if self.truncation not in ("left_prompt", "drop"):
             raise ValueError(f"--truncation must be left_prompt or drop, not '{self.truncation}'")
         if self.objective not in ("bt", "multitask", "more"):
             raise ValueError(f"--objective must be bt, multitask or more, not '{self.objective}'")
         if self.normalize not in ("l2", "none"):
             raise ValueError(f"--normalize must be l2 or none, not '{self.normalize}'")
+        if self.more_weighting not in ("reference", "inverse_norm"):
+            raise ValueError(f"--more_weighting must be reference or inverse_norm, not '{self.more_weighting}'")
 
 
 @dataclass
@@ -86,16 +91,20 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int | None, truncatio
 
 def main(script_args: ScriptArguments, model_args: ModelArguments, training_args) -> dict:
     # ---------------------------------------------------------------- setup
+    import transformers
     from datasets import Dataset
 
     from rlhfkit.checkpoints import StageOutput, fingerprint, parent_from_model, parent_record, save_final_model
     from rlhfkit.data import load_train_eval
+    from rlhfkit.faults import install_fault_handlers
     from rlhfkit.models import (ensure_pad_token, load_reward_model, load_tokenizer, peft_config, resolve_model,
                                 reward_head_names)
     from rlhfkit.reward_trainer import RewardModelTrainer
 
     StageOutput.check_free(training_args.output_dir, model_args.overwrite_output_dir)
     setup_logging(training_args.process_index == 0)
+    # seeded before the model is built: the new reward head's initialisation follows --seed, not the process history
+    transformers.set_seed(training_args.seed)
 
     # ---------------------------------------------------------------- model & tokenizer
     model_path, model_record = resolve_model(model_args.model_name_or_path)
@@ -125,11 +134,18 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     # the staging dir appears only now, so bad input above leaves nothing behind
     output, resume_from, final_dir = StageOutput.for_trainer(training_args, "rm", overwrite=model_args.overwrite_output_dir)
     trainer_cls, extra = RewardModelTrainer, {}
+    pairwise = {"pairwise_forward": script_args.pairwise_forward,
+                "max_tokens_per_batch": script_args.max_tokens_per_batch}
     if script_args.objective != "bt":
+        # the per-source head gradients of rlhfkit/more.py read pooled features off TRL's padded rows
+        if script_args.pairwise_forward not in ("auto", "padded"):
+            logger.info("--objective %s runs the padded pairwise forward", script_args.objective)
+        pairwise = {"pairwise_forward": "padded", "max_tokens_per_batch": None}
         from rlhfkit.more import trainer_class
 
         trainer_cls = trainer_class(script_args.objective)
-        extra = {"alpha": script_args.alpha, "normalize": script_args.normalize, "source_names": list(source_index)}
+        extra = {"alpha": script_args.alpha, "normalize": script_args.normalize, "source_names": list(source_index),
+                 "more_weighting": script_args.more_weighting}
     trainer = trainer_cls(
         model=model,
         args=training_args,
@@ -138,8 +154,10 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         processing_class=tokenizer,
         peft_config=lora,
         center_coefficient=training_args.center_rewards_coefficient or 0.0,
+        **pairwise,
         **extra,
     )
+    install_fault_handlers(trainer, training_args)  # preemption → checkpoint + exit 75; non-finite loss → stop
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in train_result.metrics.items()}
     if eval_dataset is not None:
@@ -166,6 +184,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         "tokenizer": {"chat_template": tokenizer.init_kwargs.get("rlhfkit_chat_template_source"), "pad": pad_action},
         "reward_stats": reward_stats,
         "objective": script_args.objective,
+        "pairwise_forward": trainer.pairwise_layout,
     }
     metrics["reward_stats"] = reward_stats
     metrics["data"] = {"train": train_counts, "eval": eval_counts}

@@ -99,6 +99,11 @@ class TrainingDefaults:
         default=None, metadata={"help": "Deprecated alias of --activation_checkpointing (transformers 5); default: "
                                 "on with a CUDA GPU, off on CPU."}
     )
+    preemption_signals: str = field(
+        default="SIGTERM,SIGUSR1",
+        metadata={"help": "Signals that mean 'preempted': save a checkpoint at the next step boundary and exit 75 "
+                  "(resume with --resume_from_checkpoint true); 'none' keeps the default (SIGTERM ends the run)."},
+    )
 
     def __post_init__(self):
         import torch
@@ -114,3 +119,29 @@ class TrainingDefaults:
             self.bf16 = gpu and torch.cuda.is_bf16_supported() and not self.fp16
         super().__post_init__()
         require_reporters(self.report_to)
+
+
+@dataclass
+class PairwiseArguments:
+    """How pairs are laid out for the forward (rm_train.py, dpo_train.py; see rlhfkit/pairwise.py)."""
+
+    pairwise_forward: str = field(
+        default="auto",
+        metadata={"help": "prefix_shared: each pair's prompt computed once, pairs packed without padding (decoders); "
+                  "packed: no padding, no sharing (encoders); padded: TRL's layout; auto: the fastest exact one for "
+                  "the model."},
+    )
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={"help": "Split each batch into micro-batches of at most this many laid-out tokens (dynamic batch "
+                  "size); the loss, gradient and schedule still count the batch's pairs."},
+    )
+
+    def __post_init__(self):
+        from .pairwise import PAIRWISE_FORWARDS
+
+        if self.pairwise_forward not in PAIRWISE_FORWARDS:
+            raise ValueError(f"--pairwise_forward must be one of {', '.join(PAIRWISE_FORWARDS)}, "
+                             f"not '{self.pairwise_forward}'")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
+            raise ValueError("--max_tokens_per_batch must be a positive number of tokens")

@@ -8,8 +8,11 @@ What we change:
 - The loss is `rlhfkit.losses.bradley_terry_loss` (margin, centering), and its metrics come from the same tensors.
 - Eval accuracy is exact (correct pairs / pairs over the whole eval set, across processes), not a mean of batch means.
 - `source_index` passes through the collator for multi-objective training (rlhfkit.more).
-- `pairwise_rewards` is the one place that runs the pairwise forward, so a packed or prefix-shared batch can replace
-  the padded one later without touching the loss or the metrics.
+- The pairwise forward is `rlhfkit.pairwise`'s (`pairwise_forward`, default the fastest exact layout for the model):
+  each pair's prompt is computed once and pairs are packed without padding; `padded` keeps TRL's collator and
+  forward. `max_tokens_per_batch` splits each batch into micro-batches of at most that many laid-out tokens, each
+  weighted by its share of the batch's pairs, so the loss, the gradient and the schedule are those of the whole
+  batch (rlhfkit.pairwise.split_by_tokens).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
+from . import pairwise as pw
 from .losses import bradley_terry_loss
 
 
@@ -36,15 +40,71 @@ class PairCollator(DataCollatorForPreference):
         return batch
 
 
+@dataclass
+class PackedPairCollator:
+    """Pairs → one `rlhfkit.pairwise` plan (sequences [c_0, r_0, c_1, r_1, …], each pair a group), plus margins,
+    source indices and the token count TRL's padded batch would report. With `max_tokens_per_batch`, a list of such
+    plans (micro-batches) under `pw_chunks`."""
+
+    pad_token_id: int
+    kind: str = "prefix_shared"
+    position_offset: int = 0
+    max_tokens_per_batch: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        chunks = pw.split_by_tokens(examples, self.max_tokens_per_batch, self.kind)
+        if len(chunks) == 1:
+            return self._collate(examples)
+        return {"pw_chunks": [self._collate(chunk) for chunk in chunks], "pw_pairs": torch.tensor(len(examples))}
+
+    def _collate(self, examples):
+        sequences = [ids for e in examples for ids in (e["chosen_ids"], e["rejected_ids"])]
+        groups = [[2 * i, 2 * i + 1] for i in range(len(examples))]
+        batch = pw.plan(sequences, groups, kind=self.kind, pad_token_id=self.pad_token_id,
+                        position_offset=self.position_offset).to_inputs()
+        batch["num_tokens"] = torch.tensor(sum(len(s) for s in sequences))
+        if "margin" in examples[0]:
+            batch["margin"] = torch.tensor([float(e["margin"]) for e in examples])
+        if "source_index" in examples[0]:
+            batch["source_index"] = torch.tensor([int(e["source_index"]) for e in examples], dtype=torch.long)
+        return batch
+
+
 class RewardModelTrainer(RewardTrainer):
-    def __init__(self, *args, center_coefficient: float = 0.0, **kwargs):
+    def __init__(self, *args, center_coefficient: float = 0.0, pairwise_forward: str = "auto",
+                 max_tokens_per_batch: int | None = None, **kwargs):
         tokenizer = kwargs.get("processing_class")
+        model = kwargs.get("model")
+        self.pairwise_layout = "padded"
         if kwargs.get("data_collator") is None and tokenizer is not None and tokenizer.pad_token_id is not None:
-            kwargs["data_collator"] = PairCollator(pad_token_id=tokenizer.pad_token_id)
+            self.pairwise_layout = pw.choose_layout(model, pairwise_forward)
+            if self.pairwise_layout == "padded":
+                kwargs["data_collator"] = PairCollator(pad_token_id=tokenizer.pad_token_id)
+            else:
+                kwargs["data_collator"] = PackedPairCollator(
+                    pad_token_id=tokenizer.pad_token_id, kind=self.pairwise_layout,
+                    position_offset=pw.position_offset(model), max_tokens_per_batch=max_tokens_per_batch)
+        if max_tokens_per_batch and self.pairwise_layout == "padded":
+            raise ValueError("--max_tokens_per_batch needs a packed pairwise forward (not --pairwise_forward padded)")
         self.center_coefficient = center_coefficient
         self.eval_prefix = "eval_"  # rm_train.py switches it for the reward-statistics pass
+        self._loss_share = 1.0
         super().__init__(*args, **kwargs)
+        if max_tokens_per_batch and self.is_deepspeed_enabled:
+            raise ValueError("--max_tokens_per_batch is not supported under DeepSpeed yet (its engine steps the "
+                             "optimizer on every backward); use --per_device_train_batch_size")
         self._pair_counts = {"train": defaultdict(float), "eval": defaultdict(float)}
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Token-budget micro-batches: forward and backward each, weighted by its share of the batch's pairs."""
+        if "pw_chunks" not in inputs:
+            return super().training_step(model, inputs, num_items_in_batch)
+        return pw.run_chunks(self, super().training_step, model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if "pw_chunks" in inputs:
+            return pw.predict_chunks(self, super().prediction_step, model, inputs, prediction_loss_only, ignore_keys)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -53,7 +113,10 @@ class RewardModelTrainer(RewardTrainer):
 
     # -- the pairwise forward -----------------------------------------------------------------------------------
     def pairwise_rewards(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen_rewards [B], rejected_rewards [B]) for a batch laid out as [chosen rows; rejected rows]."""
+        """(chosen_rewards [B], rejected_rewards [B]) for a packed plan, or TRL's [chosen rows; rejected rows]."""
+        if "pw_meta" in inputs:
+            rewards = pw.sequence_rewards(model, pw.Plan.from_inputs(inputs))
+            return rewards[0::2], rewards[1::2]
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         rewards = outputs.logits.squeeze(-1)
         chosen, rejected = torch.chunk(rewards, chunks=2)
@@ -63,6 +126,7 @@ class RewardModelTrainer(RewardTrainer):
         mode = "train" if self.model.training else "eval"
         chosen, rejected = self.pairwise_rewards(model, inputs)
         loss, metrics = bradley_terry_loss(chosen, rejected, inputs.get("margin"), self.center_coefficient)
+        loss = loss * self._loss_share
         self._record(mode, chosen, rejected, metrics, inputs)
         if return_outputs:
             return loss, {"chosen_rewards": chosen, "rejected_rewards": rejected}
@@ -81,7 +145,8 @@ class RewardModelTrainer(RewardTrainer):
             counts["reward_sum"] += gathered.sum().item()
             counts["reward_sq_sum"] += (gathered ** 2).sum().item()
             if mode == "train":
-                tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+                count = inputs["num_tokens"] if "num_tokens" in inputs else inputs["attention_mask"].sum()
+                tokens = self.accelerator.gather_for_metrics(count.reshape(1)).sum().item()
                 self._total_train_tokens += tokens
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -41,13 +41,13 @@ def _live_causal_lms() -> int:
 
 
 def _spy_trainer(monkeypatch, seen):
-    class SpyDPOTrainer(dpo_train.DPOTrainer):
+    class SpyDPOTrainer(dpo_train.PackedDPOTrainer):
         def train(self, *args, **kwargs):
             seen["ref_model"] = self.ref_model
             seen["live_models"] = _live_causal_lms()
             return super().train(*args, **kwargs)
 
-    monkeypatch.setattr(dpo_train, "DPOTrainer", SpyDPOTrainer)
+    monkeypatch.setattr(dpo_train, "PackedDPOTrainer", SpyDPOTrainer)
 
 
 def _pair_conversations(rows):

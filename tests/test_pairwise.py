@@ -1,0 +1,246 @@
+"""The packed, prefix-shared pairwise forward equals the padded forward (rewards, log-probs, losses, gradients)."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import transformers
+
+from rlhfkit import pairwise as pw
+from rlhfkit.losses import bradley_terry_loss
+
+VOCAB = 96
+PAD = 0
+
+
+def _config(family: str, **extra):
+    common = dict(vocab_size=VOCAB, pad_token_id=PAD, **extra)
+    llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256)
+    if family == "llama":
+        return transformers.LlamaConfig(**llama_like, **common)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**llama_like, **common)
+    if family == "qwen3":
+        return transformers.Qwen3Config(**llama_like, head_dim=8, **common)
+    if family == "mistral":
+        return transformers.MistralConfig(**llama_like, sliding_window=None, **common)
+    if family == "mistral_window":  # a sliding window shorter than the sequences: the mask must apply it
+        return transformers.MistralConfig(**llama_like, sliding_window=6, **common)
+    if family == "gemma":
+        return transformers.GemmaConfig(**llama_like, head_dim=8, **common)
+    if family == "gemma2":  # alternating sliding / global layers, logit soft-capping
+        return transformers.Gemma2Config(**llama_like, head_dim=8, sliding_window=6, **common)
+    if family == "gpt2":
+        return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common)
+    raise ValueError(family)
+
+
+def _model(cls_name: str, config, impl: str = "sdpa"):
+    torch.manual_seed(0)
+    if config.model_type == "gemma2":
+        impl = "eager"  # Gemma2 has no SDPA path (attention soft-capping)
+    config._attn_implementation = impl
+    if cls_name == "seqcls":
+        config.num_labels = 1
+        model = transformers.AutoModelForSequenceClassification.from_config(config, attn_implementation=impl)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=impl)
+    return model.float().eval()
+
+
+def _groups(n_groups: int, k: int, seed: int, min_prompt: int = 1, max_len: int = 20):
+    """Random groups of k sequences sharing a prompt; some responses start alike, one group shares everything but
+    the last token (the cap on the shared prefix)."""
+    rng = random.Random(seed)
+    sequences, groups, score_from = [], [], []
+    for g in range(n_groups):
+        prompt = [rng.randint(1, VOCAB - 1) for _ in range(rng.randint(min_prompt, max_len))]
+        members = []
+        common = [rng.randint(1, VOCAB - 1)] if g % 3 == 1 else []
+        for _ in range(k):
+            response = common + [rng.randint(1, VOCAB - 1) for _ in range(rng.randint(1, 8))]
+            if g % 3 == 2:
+                response = [5, 6, 7][: rng.randint(1, 3)]  # short, possibly identical responses
+            members.append(len(sequences))
+            sequences.append(prompt + response)
+            score_from.append(len(prompt))
+        groups.append(members)
+    return sequences, groups, score_from
+
+
+def _padded_rewards(model, sequences):
+    plan = pw.plan(sequences, kind="padded", pad_token_id=PAD)
+    return model(**pw.model_inputs(model, plan)).logits[:, 0]
+
+
+def _padded_logprob_sums(model, sequences, score_from):
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), PAD)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    scored = torch.zeros_like(logp)
+    for i, s in enumerate(sequences):
+        scored[i, score_from[i] - 1 : len(s) - 1] = 1
+    return (logp * scored).sum(1)
+
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "mistral_window", "gemma", "gemma2", "gpt2"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", ["prefix_shared", "packed"])
+def test_rewards_equal_padded_forward(family, kind):
+    model = _model("seqcls", _config(family))
+    sequences, groups, _ = _groups(5, 2, seed=1)
+    plan = pw.plan(sequences, groups, kind=kind, pad_token_id=PAD)
+    with torch.no_grad():
+        ours = pw.sequence_rewards(model, plan)
+        reference = _padded_rewards(model, sequences)
+    assert torch.allclose(ours, reference, atol=1e-4), (ours - reference).abs().max()
+    if kind == "prefix_shared":
+        assert plan.computed_tokens < plan.sequence_tokens  # the prompts really were computed once
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logprobs_equal_padded_forward_with_k_responses(family):
+    model = _model("causal", _config(family))
+    sequences, groups, score_from = _groups(4, 4, seed=2)
+    plan = pw.plan(sequences, groups, kind="prefix_shared", pad_token_id=PAD, score_from=score_from)
+    with torch.no_grad():
+        ours = pw.sum_per_sequence(pw.token_logprobs(model, plan).log_probs, plan)
+        reference = _padded_logprob_sums(model, sequences, score_from)
+    assert torch.allclose(ours, reference, atol=1e-4), (ours - reference).abs().max()
+    # the LM head ran only where the next token is scored
+    assert plan.logit_index.numel() == sum(len(s) - b for s, b in zip(sequences, score_from))
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_attention_backends_agree(impl):
+    model = _model("seqcls", _config("llama"), impl=impl)
+    sequences, groups, _ = _groups(4, 3, seed=3)
+    plan = pw.plan(sequences, groups, kind="prefix_shared", pad_token_id=PAD)
+    with torch.no_grad():
+        assert torch.allclose(pw.sequence_rewards(model, plan), _padded_rewards(model, sequences), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_encoders_are_packed_not_shared(family):
+    cls = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig}[family]
+    config = cls(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=64, pad_token_id=PAD, num_labels=1)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(config).eval()
+    assert pw.choose_layout(model, "prefix_shared") == "packed"
+    sequences, groups, _ = _groups(6, 2, seed=4, max_len=12)
+    offset = PAD + 1 if family == "roberta" else 0
+    plan = pw.plan(sequences, groups, kind="packed", pad_token_id=PAD, position_offset=offset)
+    assert plan.layout_tokens > 64  # rows longer than the model's position table are fine: positions restart
+    with torch.no_grad():
+        ours = pw.sequence_rewards(model, plan)
+        reference = _padded_rewards(model, sequences)
+    assert torch.allclose(ours, reference, atol=1e-4), (ours - reference).abs().max()
+
+
+def test_gradients_and_one_optimizer_step_match():
+    base = _model("seqcls", _config("llama"))
+    sequences, groups, _ = _groups(6, 2, seed=5)
+    results = {}
+    for kind in ("prefix_shared", "padded"):
+        model = copy.deepcopy(base).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        plan = pw.plan(sequences, groups, kind=kind, pad_token_id=PAD)
+        rewards = pw.sequence_rewards(model, plan)
+        loss, _ = bradley_terry_loss(rewards[0::2], rewards[1::2])
+        loss.backward()
+        optimizer.step()
+        results[kind] = (loss.item(), [p.detach().clone() for p in model.parameters()])
+    assert abs(results["prefix_shared"][0] - results["padded"][0]) < 1e-6
+    for a, b in zip(results["prefix_shared"][1], results["padded"][1]):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_group_without_a_common_prefix_stays_isolated():
+    # e.g. DPO's keep_end truncation cuts chosen and rejected at different points: nothing is shared
+    model = _model("causal", _config("llama"))
+    sequences = [[3, 4, 5, 6, 7], [8, 9, 10, 11], [3, 4, 12], [3, 4, 13, 14]]
+    plan = pw.plan(sequences, [[0, 1], [2, 3]], pad_token_id=PAD, score_from=[1, 1, 2, 2])
+    with torch.no_grad():
+        ours = pw.sum_per_sequence(pw.token_logprobs(model, plan).log_probs, plan)
+    assert torch.allclose(ours, _padded_logprob_sums(model, sequences, [1, 1, 2, 2]), atol=1e-4)
+
+
+def test_results_do_not_depend_on_packing():
+    model = _model("seqcls", _config("qwen2"))
+    sequences, groups, _ = _groups(8, 2, seed=6)
+    with torch.no_grad():
+        tight = pw.sequence_rewards(model, pw.plan(sequences, groups, pad_token_id=PAD))
+        wide = pw.sequence_rewards(model, pw.plan(sequences, groups, pad_token_id=PAD, row_tokens=1000))
+        alone = torch.cat([pw.sequence_rewards(model, pw.plan([sequences[i] for i in g], [[0, 1]], pad_token_id=PAD))
+                           for g in groups])
+    assert torch.allclose(tight, wide, atol=1e-5) and torch.allclose(tight, alone, atol=1e-5)
+
+
+def test_mask_rule():
+    # one row: group 0 = prefix [a b] + suffixes [c] and [d e]; group 1 = prefix [f] + [g], [h]
+    sequences = [[1, 2, 3], [1, 2, 4, 5], [6, 7], [6, 8]]
+    plan = pw.plan(sequences, [[0, 1], [2, 3]], pad_token_id=PAD, row_tokens=12)
+    assert plan.input_ids.shape[0] == 1
+    assert plan.input_ids[0, :8].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert plan.position_ids[0, :8].tolist() == [0, 1, 2, 2, 3, 0, 1, 1]
+    allowed = pw.attention_allowed(plan.segment, plan.branch, plan.position_ids, causal=True)[0, 0]
+    assert allowed[3].tolist()[:8] == [True, True, False, True, False, False, False, False]  # d sees a b d, not c
+    assert allowed[7].tolist()[:8] == [False] * 5 + [True, False, True]  # h sees f h
+    assert plan.last_index.tolist() == [2, 4, 6, 7]
+    # a third group that does not fit the row: a second row, padded; pads attend only to themselves
+    plan = pw.plan(sequences + [[9, 9, 9, 9, 9, 9, 9, 9, 9]], [[0, 1], [2, 3], [4]], pad_token_id=PAD)
+    assert plan.input_ids.shape == (2, 9)
+    allowed = pw.attention_allowed(plan.segment, plan.branch, plan.position_ids, causal=True)[:, 0]
+    pads = (plan.segment < 0).nonzero().tolist()
+    assert pads and all(allowed[r, p].sum() == 1 and allowed[r, p, p] for r, p in pads)
+
+
+def test_flex_block_mask_matches_the_boolean_rule():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    sequences, groups, _ = _groups(3, 2, seed=7)
+    plan = pw.plan(sequences, groups, pad_token_id=PAD)
+    segment, branch, position = plan.segment, plan.branch, plan.position_ids
+
+    def mask_mod(b, h, q, k):
+        same = (segment[b, q] == segment[b, k]) & (segment[b, q] >= 0) & (k <= q)
+        same = same & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
+        return same | ((segment[b, q] < 0) & (q == k))
+
+    rows, width = segment.shape
+    dense = flex.create_mask(mask_mod, rows, 1, width, width, device="cpu")
+    assert torch.equal(dense, pw.attention_allowed(segment, branch, position, causal=True))
+    assert pw.flex_block_mask(plan, causal=True) is not None
+
+
+def test_choose_layout_falls_back_with_reasons(caplog):
+    model = _model("seqcls", _config("llama"))
+    assert pw.choose_layout(model, "auto") == "prefix_shared"
+    assert pw.choose_layout(model, "padded") == "padded"
+    model.config._attn_implementation = "flash_attention_2"
+    assert pw.choose_layout(model, "prefix_shared") == "packed"
+    model.config._attn_implementation = "some_kernel"
+    with caplog.at_level("INFO"):
+        assert pw.choose_layout(model, "auto") == "padded"
+    assert "cannot take a custom 4D mask" in caplog.text
+    with pytest.raises(ValueError):
+        pw.choose_layout(model, "fastest")
+
+
+def test_varlen_plan_is_one_row_with_restarting_positions():
+    sequences = [[1, 2, 3], [4, 5], [6]]
+    plan = pw.plan(sequences, kind="varlen", pad_token_id=PAD)
+    assert plan.input_ids.tolist() == [[1, 2, 3, 4, 5, 6]]
+    assert plan.position_ids.tolist() == [[0, 1, 2, 0, 1, 0]]
+    assert "attention_mask" not in pw.model_inputs(None, plan)
