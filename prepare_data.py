@@ -17,24 +17,28 @@ Features
 Assumptions
   - Each source is read from `--<source>_path` (file or directory with the hub's column names), else from
     `--source_dir/<source>` (directory, .jsonl, .jsonl.gz, .json or .parquet), else from the hub with
-    `datasets.load_dataset`; offline the last one fails with a one-line error asking for a local copy.
+    `datasets.load_dataset` at the source's pinned revision (PKU-SafeRLHF: 'v0', the release mixture4 was built
+    from; others 'main'; `--hub_revision` overrides); offline the last one fails with a one-line error asking for a
+    local copy.
   - Output is deterministic given `--seed`: same inputs and flags give byte-identical pairs.jsonl and manifest.json.
 
 Writes OUTPUT_DIR/ (renamed into place from OUTPUT_DIR.partial/ when complete):
   pairs.jsonl      the dataset, sources in recipe order, rows in source order
   manifest.json    per source: input rows, rows dropped by each rule, candidate pairs, pairs dropped by each rule,
-                   kept, and the published count to compare with; the final count; the decontamination report
+                   kept, and the published count to compare with; the hub revision asked for and the commit it
+                   resolved to (`revisions`); any requested count the source could not fill (`shortfalls`, only
+                   with --allow_short_sources true: otherwise that is an error); the final count; decontamination
   pairs.lmflow.json (with --export_lmflow), metrics.json, args.yaml, run_info.json
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
 
+from rlhfkit.builtin_models import sha256_file
 from rlhfkit.checkpoints import StageOutput, write_json_atomic
 from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.data import write_jsonl_atomic
@@ -48,8 +52,11 @@ from rlhfkit.recipes import (
     find_local_copy,
     load_eval_prompts,
     load_hub,
+    parse_hub_revisions,
     read_local,
+    resolve_hub_revision,
     resolve_options,
+    revision_record,
 )
 
 logger = logging.getLogger("prepare_data")
@@ -115,6 +122,12 @@ class ScriptArguments:
                                         "decontaminate against."})
     decontamination_ngram: int = field(
         default=13, metadata={"help": "Words in a shared n-gram that marks a training prompt as contaminated."})
+    hub_revision: list[str] | None = field(
+        default=None, metadata={"help": "Override a hub source's pinned revision: SOURCE=REVISION (branch, tag or "
+                                        "commit), e.g. pku_saferlhf=main. Pins: rlhfkit/recipes.py SOURCES."})
+    allow_short_sources: bool = field(
+        default=False, metadata={"help": "Build even when a source holds fewer pairs than the recipe asks for "
+                                         "(--pku_max_pairs), with a loud warning and the numbers in manifest.json."})
     export_lmflow: bool = field(default=False, metadata={"help": "Also write pairs.lmflow.json (LMFlow paired format)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a complete --output_dir."})
 
@@ -145,22 +158,22 @@ def _sources_to_build(args: ScriptArguments) -> list[str]:
     return given
 
 
-def _read_source(key: str, args: ScriptArguments, options: SelectionOptions):
+def _read_source(key: str, args: ScriptArguments, options: SelectionOptions, revisions: dict[str, str]):
+    """Rows, what was read, and the revision record for manifest.json."""
     paths = getattr(args, f"{key}_path")
     if not paths:
         local = find_local_copy(args.source_dir, key)
         paths = [local] if local else None
     if paths:
-        return read_local(key, paths, args.split, options)
-    return load_hub(key, args.split, options)
-
-
-def _sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        records, origin = read_local(key, paths, args.split, options)
+        pinned = SOURCES[key].revision if SOURCES[key].hub_name else None
+        return records, origin, {"local_copy": True, "pinned_hub_revision": pinned,
+                                 "note": "a local copy: its revision is whatever it was downloaded from"}
+    revision = revisions.get(key)
+    records, origin = load_hub(key, args.split, options, revision)
+    spec = SOURCES[key]
+    resolved = resolve_hub_revision(spec.hub_name, revision if revision is not None else spec.revision)
+    return records, origin, revision_record(key, revision, resolved)
 
 
 def main(script_args: ScriptArguments) -> dict:
@@ -168,6 +181,7 @@ def main(script_args: ScriptArguments) -> dict:
     # ---------------------------------------------------------------- setup
     setup_logging()
     options = resolve_options(script_args.recipe, script_args.selection_overrides())
+    revisions = parse_hub_revisions(script_args.hub_revision)
     keys = _sources_to_build(script_args)
     recipe = RECIPES.get(script_args.recipe) if script_args.recipe else None
     decontaminator = None
@@ -185,11 +199,16 @@ def main(script_args: ScriptArguments) -> dict:
     all_rows: list[dict] = []
     reports = {}
     for key in keys:
-        records, origin = _read_source(key, script_args, options)
-        pairs, report = build_source(key, records, options, script_args.seed, decontaminator)
+        records, origin, revision = _read_source(key, script_args, options, revisions)
+        pairs, report = build_source(key, records, options, script_args.seed, decontaminator,
+                                     allow_short=script_args.allow_short_sources, origin=origin)
         report.origin = origin
+        report.revision = revision
         if recipe is not None and key in recipe.published_counts:
             report.published_count = recipe.published_counts[key]
+            if report.input_rows < report.published_count:
+                logger.warning("%s: %d rows read, fewer than the %d pairs the published %s took from this source",
+                               key, report.input_rows, report.published_count, recipe.name)
         report.check()
         reports[SOURCES[key].label] = report.to_dict()
         all_rows += [pair.to_row() for pair in pairs]
@@ -205,6 +224,8 @@ def main(script_args: ScriptArguments) -> dict:
         "options": dataclasses.asdict(options),
         "sources": reports,
         "decontamination": None,
+        "revisions": {label: entry.get("revision") for label, entry in reports.items()},
+        "shortfalls": {label: entry["shortfall"] for label, entry in reports.items() if "shortfall" in entry},
         "final_count": len(all_rows),
         "counting": "per source: input_rows = rows_converted + sum(dropped_rows); candidate_pairs = kept + "
                     "sum(dropped_pairs); final_count = sum(kept). published_count is the RLHFlow README's figure "
@@ -239,7 +260,7 @@ def main(script_args: ScriptArguments) -> dict:
     write_json_atomic(staging / MANIFEST_FILE, manifest)
     metrics = {"final_count": len(all_rows), **{f"kept/{label}": entry["kept"] for label, entry in reports.items()}}
     run_info = {"dataset": {"path": os.path.abspath(str(output.final / PAIRS_FILE)),
-                            "sha256": _sha256(staging / PAIRS_FILE), "rows": len(all_rows)}}
+                            "sha256": sha256_file(staging / PAIRS_FILE), "rows": len(all_rows)}}
     output.finalize(run_info, metrics, to_dict(script_args))
     logger.info("wrote %d pairs to %s", len(all_rows), output.final / PAIRS_FILE)
     return manifest

@@ -15,8 +15,14 @@ Per training step (every batch holds rows of every source, see `SourceBalancedBa
 4. Momentum per source: m_k ← (1 − α) m_k + α g_k.
 5. Normalisation (`--normalize l2`: m_k / ‖m_k‖; `none`: as is).
 6. λ = argmin_{λ ∈ simplex} ‖Σ_k λ_k m̂_k‖² (closed form for two sources, Frank-Wolfe for more).
-7. loss weights w_k = (λ_k / n_k) / Σ_j (λ_j / n_j), n_k the divisor of step 5 (‖m_k‖ for l2, 1 for none);
-   loss = Σ_k w_k L_k, back-propagated once through the whole model (w is a constant).
+7. loss = Σ_k w_k L_k, back-propagated once through the whole model (w is a constant), with w chosen by
+   `--more_weighting`:
+   - `reference` (the default; the paper's method): w = λ, as the reference's `compute_lambda` →
+     `more_ranking_loss(weights=λ)`; λ from `reference_min_norm_weights`, the reference solver's numbers
+     (`find_min_norm_element_FW`: its two-vector rule with the 0.001 / 0.999 boundary values, Frank-Wolfe stopped
+     when Σ|Δλ| < 1e-5). With two sources and `--normalize l2` this is always λ = (½, ½): plain multitask.
+   - `inverse_norm` (ours, the rule this toolkit shipped as `more` before): w_k = (λ_k / n_k) / Σ_j (λ_j / n_j), n_k the
+     divisor of step 5 (‖m_k‖ for l2, 1 for none), λ from our exact solver (`min_norm_weights`).
 
 Where we follow the reference:
 - The gradients fed to the solver are those of the reward head only (the reference builds a copy of the head on the
@@ -40,20 +46,23 @@ Where we differ, and why:
   rewards on the CPU; the gradient is the same, because ∂L_k/∂w depends on w only through the rewards.
 - The reference initialises the momentum buffer with a randomly initialised head's weights (so the first λ mixes
   the first gradient with a random vector); we initialise it with the first observed gradient.
-- The losses are weighted by λ_k/n_k (step 7), not by λ_k. With l2 normalisation the solver finds the min-norm
+- Only under `--more_weighting inverse_norm`: the losses are weighted by λ_k/n_k (step 7), not by λ_k. The argument
+  for it: with l2 normalisation the solver finds the min-norm
   point of the *normalised* gradients, Σ λ_k·g_k/‖g_k‖, MGDA's common descent direction; weighting the raw losses by
   λ_k (as the reference and Sener & Koltun's code do) steps along Σ λ_k·g_k instead, which is not that direction
   and, with two sources, is always plain averaging: two unit vectors always give λ = (½, ½), so the reference's
   MORE with two sources and `--normalize l2` is exactly the multitask baseline. Our weights make the combined head
   gradient Σ w_k·g_k point along the direction the solver chose (for two sources: the bisector of the two gradients,
   i.e. each source weighted inversely to its gradient norm). With `--normalize none` n_k = 1 and the weights are
-  the reference's λ.
+  λ (of our exact solver, which differs from the reference's only at its 0.001 / 0.999 boundary values and in the
+  Frank-Wolfe stopping rule).
   As in any MGDA variant the step shrinks with the smallest per-source gradients (with `none` the min-norm point
   is no longer than the shortest gradient; with `l2` and two sources the combined head gradient is at most the
   harmonic mean of the two norms), so a source that is already fit almost perfectly slows the others down.
-- Σ_k w_k = 1 with each L_k a per-source mean: the scale of a plain BT loss. The reference also multiplies by the
-  number of sources; only the effective learning rate differs.
-- Two-source solutions are exact in [0, 1]; the reference clips to [0.001, 0.999].
+- Σ_k w_k = 1 with each L_k a per-source mean: the scale of a plain BT loss. The reference's `more_ranking_loss`
+  sums the weighted pair losses, multiplies by the number of sources and divides by all pairs; with as many rows per
+  source (its `--resampling` mode, our sampler) that is the same Σ_k λ_k L_k.
+- `inverse_norm` only: two-source solutions are exact in [0, 1]; the reference (and `reference`) uses 0.001 / 0.999.
 - Normalisations `loss` and `loss+` of the reference are not offered (the paper's runs use `l2`).
 - In evaluation the trainer falls back to the plain pooled BT loss, as the reference does.
 
@@ -73,12 +82,13 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .models import REWARD_HEAD_NAMES as _REWARD_HEAD_NAMES
 
 logger = logging.getLogger(__name__)
 
 NORMALIZATIONS = ("l2", "none")
+WEIGHTINGS = ("reference", "inverse_norm")  # --more_weighting
 OBJECTIVES = ("bt", "multitask", "more")
-_REWARD_HEAD_NAMES = ("score", "classifier", "v_head")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,6 +156,67 @@ def min_norm_weights(vectors: torch.Tensor, max_iter: int = 1000, tol: float = 1
     return min_norm_weights_from_gram(flat @ flat.T, max_iter=max_iter, tol=tol)
 
 
+def reference_min_norm_two(v11: float, v12: float, v22: float) -> tuple[float, float]:
+    """MinNormSolver._min_norm_element_from2 of the reference (min_norm_solvers.py): γ for γ·x1 + (1 − γ)·x2 and the
+    squared norm, with its boundary cases: γ = 0.999 (cost v11) when v12 ≥ v11, γ = 0.001 (cost v22) when v12 ≥ v22."""
+    if v12 >= v11:
+        return 0.999, v11
+    if v12 >= v22:
+        return 0.001, v22
+    gamma = -1.0 * ((v12 - v22) / (v11 + v22 - 2 * v12))
+    return gamma, v22 + gamma * (v12 - v22)
+
+
+REFERENCE_MAX_ITER = 1000  # MinNormSolver.MAX_ITER
+REFERENCE_STOP_CRIT = 1e-5  # MinNormSolver.STOP_CRIT
+
+
+def reference_min_norm_weights(vectors: torch.Tensor) -> torch.Tensor:
+    """λ as the reference's `MinNormSolver.find_min_norm_element_FW(vectors)` computes it. vectors: [K, D] → [K].
+
+    Best pair first (`_min_norm_2d_accelerated`: the pair of least cost, first found on equal cost, starting cost
+    1e8), returned as is for K = 2; for K ≥ 3 Frank-Wolfe: the vertex t = argmin (Gλ)_t, a line search between λ and
+    e_t by `reference_min_norm_two`, stopped when Σ|Δλ| < 1e-5 (returning the λ *before* that step) or after 1000
+    steps. float64 on the CPU. Written from the reference's description, not copied.
+    """
+    if vectors.dim() != 2 or vectors.shape[0] == 0:
+        raise ValueError(f"vectors must be [K, D] with K ≥ 1, got {tuple(vectors.shape)}")
+    flat = vectors.detach().to("cpu", torch.float64)
+    k = flat.shape[0]
+    if k == 1:
+        return torch.ones(1, dtype=torch.float64)
+    gram = (flat @ flat.T).tolist()
+    best_cost, best = 1e8, None
+    for i in range(k):
+        for j in range(i + 1, k):
+            gamma, cost = reference_min_norm_two(gram[i][i], gram[i][j], gram[j][j])
+            if cost < best_cost:
+                best_cost, best = cost, (i, j, gamma)
+    if best is None:  # every pair costs ≥ 1e8 (huge gradients): the reference would fail here; take the first pair
+        i, j = 0, 1
+        best = (i, j, reference_min_norm_two(gram[0][0], gram[0][1], gram[1][1])[0])
+    i, j, gamma = best
+    weights = [0.0] * k
+    weights[i], weights[j] = gamma, 1.0 - gamma
+    if k == 2:
+        return torch.tensor(weights, dtype=torch.float64)
+    g = torch.tensor(gram, dtype=torch.float64)
+    solution = torch.tensor(weights, dtype=torch.float64)
+    for _ in range(REFERENCE_MAX_ITER):
+        g_solution = g @ solution
+        vertex = int(torch.argmin(g_solution))
+        v11 = float(solution @ g_solution)
+        v12 = float(solution @ g[:, vertex])
+        v22 = float(g[vertex, vertex])
+        keep, _ = reference_min_norm_two(v11, v12, v22)
+        new = keep * solution
+        new[vertex] += 1 - keep
+        if float((new - solution).abs().sum()) < REFERENCE_STOP_CRIT:
+            return solution
+        solution = new
+    return solution
+
+
 def normalize_gradients(gradients: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
     """[K, D] → ([K, D] normalised rows, [K] the divisor of each row).
 
@@ -174,11 +245,16 @@ def loss_weights(solution: torch.Tensor, divisors: torch.Tensor) -> torch.Tensor
 class MoreWeighting:
     """The stateful part of MORE: per-source gradient momentum, normalisation, min-norm weights.
 
-    `update(gradients [P, D], present [P] source indices) -> loss weights [P]` (float32, sum 1; see `loss_weights`).
+    `update(gradients [P, D], present [P] source indices) -> loss weights [P]` (float32, sum 1).
+    `weighting="reference"` (the paper's code): the weights are λ of `reference_min_norm_weights` on the normalised
+    momenta; `"inverse_norm"`: `loss_weights(λ, divisors)` with our exact solver (see the module docstring).
     Sources absent from a step keep their momentum and take no part in that step's solve.
     """
 
-    def __init__(self, num_sources: int, alpha: float = 0.99, normalize: str = "l2"):
+    def __init__(self, num_sources: int, alpha: float = 0.99, normalize: str = "l2", weighting: str = "reference"):
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"more_weighting must be one of {WEIGHTINGS}, not '{weighting}'")
+        self.weighting = weighting
         if num_sources < 1:
             raise ValueError("num_sources must be ≥ 1")
         if not 0.0 < alpha <= 1.0:
@@ -201,10 +277,13 @@ class MoreWeighting:
             self.momentum[index] = smoothed
             rows.append(smoothed)
         normalised, divisors = normalize_gradients(torch.stack(rows), self.normalize)
+        if self.weighting == "reference":
+            return reference_min_norm_weights(normalised).float()
         return loss_weights(min_norm_weights(normalised), divisors).float()
 
     def state_dict(self) -> dict:
-        return {"alpha": self.alpha, "normalize": self.normalize, "momentum": self.momentum}
+        return {"alpha": self.alpha, "normalize": self.normalize, "weighting": self.weighting,
+                "momentum": self.momentum}
 
     def load_state_dict(self, state: dict) -> None:
         momentum = list(state["momentum"])
@@ -387,13 +466,14 @@ class SourceWeightedLoss:
     """
 
     def __init__(self, objective: str, source_names: Sequence[str], alpha: float = 0.99, normalize: str = "l2",
-                 center_coefficient: float = 0.0, reduce_fn=None):
+                 center_coefficient: float = 0.0, reduce_fn=None, weighting: str = "reference"):
         if objective not in ("more", "multitask"):
             raise ValueError(f"objective must be 'more' or 'multitask', not '{objective}'")
         self.objective = objective
         self.source_names = list(source_names)
         self.center_coefficient = center_coefficient
-        self.weighting = MoreWeighting(len(self.source_names), alpha, normalize) if objective == "more" else None
+        self.weighting = (MoreWeighting(len(self.source_names), alpha, normalize, weighting)
+                          if objective == "more" else None)
         # sums a tensor over processes (None: one process); per-source gradients are averaged with it so that every
         # process computes the same λ
         self.reduce_fn = reduce_fn
@@ -528,7 +608,8 @@ class _SourceWeightedTrainer(RewardModelTrainer):
 
     objective = ""
 
-    def __init__(self, *args, source_names: Sequence[str], alpha: float = 0.99, normalize: str = "l2", **kwargs):
+    def __init__(self, *args, source_names: Sequence[str], alpha: float = 0.99, normalize: str = "l2",
+                 more_weighting: str = "reference", **kwargs):
         super().__init__(*args, **kwargs)
         if not source_names:
             raise UserError(f"--objective {self.objective} needs a 'source' on every training row")
@@ -542,7 +623,7 @@ class _SourceWeightedTrainer(RewardModelTrainer):
             def reduce_fn(tensor):
                 return self.accelerator.reduce(tensor.to(self.accelerator.device), "sum").cpu()
         self.source_loss = SourceWeightedLoss(self.objective, self.source_names, alpha, normalize,
-                                              self.center_coefficient, reduce_fn)
+                                              self.center_coefficient, reduce_fn, weighting=more_weighting)
         self._source_logs: dict[str, list[float]] = {}
         self._eval_source_counts: dict[int, list[int]] = {}
         if len(self.source_names) == 1:

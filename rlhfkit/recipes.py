@@ -22,6 +22,13 @@ Sources (hub name → what the converter reads):
   pku_saferlhf       PKU-Alignment/PKU-SafeRLHF           same columns
   lmflow             a local LMFlow {"instances": [{"positive", "negative"}]} file (see rlhfkit.lmflow)
 
+Revisions: every hub source is loaded at a pinned revision (`SourceSpec.revision`, overridable with
+`prepare_data.py --hub_revision key=rev`), and manifest.json records the revision asked for and the commit it
+resolved to. PKU-SafeRLHF is pinned to 'v0', its first release (the one mixture4's "150K samples" come from; the
+current 'main' holds about half that); the others to 'main', because neither their dataset cards nor RLHFlow's
+README identify the revision the mixtures were built from. A recipe that asks a source for more pairs than it holds
+(`pku_max_pairs`) stops with both numbers, or warns loudly under `--allow_short_sources true`.
+
 Assumptions (where the published description leaves a choice):
   - A row that breaks its schema (missing column, wrong type) is a user error; a well-formed row whose content is
     unusable (dialogue that does not alternate, chosen/rejected prompts that differ, no rating) is dropped and
@@ -63,19 +70,26 @@ class SourceSpec:
     key: str  # flag prefix: --<key>_path
     label: str  # value of the `source` field in the output
     hub_name: str | None
+    revision: str | None = None  # the hub revision loaded (branch, tag or commit); see `revision_note`
+    revision_note: str = ""  # why this revision
 
 
+_CURRENT = ("not identifiable from the dataset card (no release tags; RLHFlow's README names no revision): the "
+            "current branch 'main' is named, and the commit it resolves to is recorded in manifest.json")
 SOURCES: dict[str, SourceSpec] = {
     spec.key: spec
     for spec in (
-        SourceSpec("hh_rlhf", "hh-rlhf", "Anthropic/hh-rlhf"),
-        SourceSpec("shp", "shp", "stanfordnlp/SHP"),
-        SourceSpec("ultrafeedback", "ultrafeedback", "openbmb/UltraFeedback"),
-        SourceSpec("helpsteer", "helpsteer", "nvidia/HelpSteer"),
-        SourceSpec("capybara", "capybara", "argilla/distilabel-capybara-dpo-7k-binarized"),
-        SourceSpec("orca", "orca", "argilla/distilabel-intel-orca-dpo-pairs"),
-        SourceSpec("pku_saferlhf_30k", "pku-saferlhf-30k", "PKU-Alignment/PKU-SafeRLHF-30K"),
-        SourceSpec("pku_saferlhf", "pku-saferlhf", "PKU-Alignment/PKU-SafeRLHF"),
+        SourceSpec("hh_rlhf", "hh-rlhf", "Anthropic/hh-rlhf", "main", _CURRENT),
+        SourceSpec("shp", "shp", "stanfordnlp/SHP", "main", _CURRENT),
+        SourceSpec("ultrafeedback", "ultrafeedback", "openbmb/UltraFeedback", "main", _CURRENT),
+        SourceSpec("helpsteer", "helpsteer", "nvidia/HelpSteer", "main", _CURRENT),
+        SourceSpec("capybara", "capybara", "argilla/distilabel-capybara-dpo-7k-binarized", "main", _CURRENT),
+        SourceSpec("orca", "orca", "argilla/distilabel-intel-orca-dpo-pairs", "main", _CURRENT),
+        SourceSpec("pku_saferlhf_30k", "pku-saferlhf-30k", "PKU-Alignment/PKU-SafeRLHF-30K", "main", _CURRENT),
+        SourceSpec("pku_saferlhf", "pku-saferlhf", "PKU-Alignment/PKU-SafeRLHF", "v0",
+                   "the first release (~297K train rows), kept on the hub as revision 'v0' (the current dataset card "
+                   "calls it PKU-SafeRLHF-v0 and links tree/v0); RLHFlow's mixture4 (early 2024) takes 150K pairs, "
+                   "which only this release holds: the June 2024 re-release on 'main' has ~74K train rows"),
         SourceSpec("lmflow", "lmflow", None),
     )
 }
@@ -593,6 +607,8 @@ class SourceReport:
     dropped_pairs: dict[str, int] = field(default_factory=dict)
     kept: int = 0
     published_count: int | None = None
+    revision: dict | None = None  # {"hub_name", "requested", "resolved", "note"} or {"local_copy": True, ...}
+    shortfall: dict | None = None  # a requested sample size the source could not fill (see build_source)
 
     def drop_row(self, rule: str, count: int = 1) -> None:
         self.dropped_rows[rule] = self.dropped_rows.get(rule, 0) + count
@@ -622,6 +638,11 @@ class SourceReport:
             out["responses_without_score"] = self.responses_without_score
         if self.published_count is not None:
             out["published_count"] = self.published_count
+            out["holds_fewer_rows_than_published"] = self.input_rows < self.published_count
+        if self.revision is not None:
+            out["revision"] = dict(self.revision)
+        if self.shortfall is not None:
+            out["shortfall"] = dict(self.shortfall)
         return out
 
 
@@ -660,11 +681,16 @@ def _progress(records: list[Record], key: str) -> Iterable[Record]:
 
 
 def build_source(key: str, records: list[Record], options: SelectionOptions, seed: int,
-                 decontaminator: Decontaminator | None = None) -> tuple[list[Pair], SourceReport]:
+                 decontaminator: Decontaminator | None = None, allow_short: bool = False,
+                 origin: Sequence[str] = ()) -> tuple[list[Pair], SourceReport]:
     """Convert one source's rows and apply its rules in order; returns kept pairs and the filled report.
 
     Rule order: identical responses, empty responses, ties, source rules (SHP ratio then per-prompt cap; PKU
     subsample), decontamination. Each rule counts what it removed from what the previous ones left.
+
+    A sample size the source cannot fill (PKU `pku_max_pairs` larger than the pairs left, e.g. mixture4's 150K from
+    a release with ~74K rows) is a UserError naming both numbers; with `allow_short` it is a loud warning and is
+    recorded in the report's `shortfall` instead. `origin` (what was read) only serves that message.
     """
     spec = SOURCES[key]
     report = SourceReport(spec.label)
@@ -706,6 +732,19 @@ def build_source(key: str, records: list[Record], options: SelectionOptions, see
         pairs = report.apply("per_prompt_cap", cap_per_prompt(pairs, options.shp_max_pairs_per_prompt,
                                                               options.shp_select, seed, spec.label))
     if key in ("pku_saferlhf", "pku_saferlhf_30k"):
+        if options.pku_max_pairs is not None and len(pairs) < options.pku_max_pairs:
+            report.shortfall = {"rule": "pku_max_pairs", "requested": options.pku_max_pairs,
+                                "available": len(pairs), "input_rows": report.input_rows}
+            where_from = ", ".join(origin) or spec.label
+            message = (f"{spec.label}: the recipe asks for {options.pku_max_pairs} pairs (--pku_max_pairs) but "
+                       f"{where_from} holds only {len(pairs)} after the rules ({report.input_rows} rows read)")
+            if not allow_short:
+                hint = (f"; that count exists only in revision '{spec.revision}' of {spec.hub_name} "
+                        f"({spec.revision_note.split(';')[0]})" if spec.revision and spec.revision != "main" else "")
+                raise UserError(f"{message}{hint}; load the release the recipe was built from, lower "
+                                "--pku_max_pairs, or pass --allow_short_sources true to build with what there is")
+            logger.warning("!!! %s: building with %d pairs instead of %d (--allow_short_sources true) !!!",
+                           message, len(pairs), options.pku_max_pairs)
         pairs = report.apply("subsample", subsample(pairs, options.pku_max_pairs, seed, spec.label))
     if decontaminator is not None:
         pairs = report.apply("decontaminated", decontaminate(pairs, decontaminator))
@@ -824,20 +863,56 @@ def read_local(key: str, paths: Sequence[str], split: str, options: SelectionOpt
     return records, origin
 
 
-def load_hub(key: str, split: str, options: SelectionOptions) -> tuple[list[Record], list[str]]:
-    """Rows from the Hugging Face hub via `datasets.load_dataset`; offline this is a one-line UserError."""
+def resolve_hub_revision(hub_name: str, revision: str | None) -> str | None:
+    """The commit a hub revision (branch or tag) points to now, or None offline / on any failure."""
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(hub_name, revision=revision, timeout=10).sha
+    except Exception:  # noqa: BLE001 - offline, no access, old client: the requested revision is still recorded
+        return None
+
+
+def revision_record(key: str, revision: str | None = None, resolved: str | None = None) -> dict:
+    """What manifest.json says about a hub source's revision."""
+    spec = SOURCES[key]
+    requested = revision if revision is not None else spec.revision
+    return {"hub_name": spec.hub_name, "requested": requested, "resolved": resolved,
+            "pinned": spec.revision, "note": spec.revision_note if requested == spec.revision else "set by --hub_revision"}
+
+
+def parse_hub_revisions(values: Sequence[str] | None) -> dict[str, str]:
+    """`--hub_revision key=rev ...` → {key: rev}, refusing unknown sources and sources without a hub copy."""
+    out: dict[str, str] = {}
+    for value in values or []:
+        key, sep, revision = value.partition("=")
+        if not sep or not revision:
+            raise UserError(f"--hub_revision: '{value}' must be SOURCE=REVISION, e.g. pku_saferlhf=v0")
+        if key not in SOURCES or SOURCES[key].hub_name is None:
+            raise UserError(f"--hub_revision: '{key}' is not a hub source "
+                            f"({', '.join(k for k, s in SOURCES.items() if s.hub_name)})")
+        out[key] = revision
+    return out
+
+
+def load_hub(key: str, split: str, options: SelectionOptions,
+             revision: str | None = None) -> tuple[list[Record], list[str]]:
+    """Rows from the Hugging Face hub via `datasets.load_dataset` at the source's pinned revision (or `revision`);
+    offline this is a one-line UserError."""
     spec = SOURCES[key]
     if spec.hub_name is None:
         raise UserError(f"--{key}_path is required: this source has no hub copy")
+    revision = revision if revision is not None else spec.revision
     data_dirs = list(options.hh_rlhf_subsets) if key == "hh_rlhf" else [None]
     records: list[Record] = []
     origin: list[str] = []
     for data_dir in data_dirs:
-        label = f"{spec.hub_name}" + (f"/{data_dir}" if data_dir else "") + f"[{split}]"
+        label = (f"{spec.hub_name}" + (f"@{revision}" if revision else "") + (f"/{data_dir}" if data_dir else "")
+                 + f"[{split}]")
         try:
             import datasets
 
-            dataset = datasets.load_dataset(spec.hub_name, data_dir=data_dir, split=split)
+            dataset = datasets.load_dataset(spec.hub_name, data_dir=data_dir, split=split, revision=revision)
             rows = dataset.to_list()
         except Exception as exc:  # network, auth, missing split: all mean "use a local copy"
             reason = " ".join(str(exc).split())[:160]

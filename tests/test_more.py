@@ -26,6 +26,8 @@ from rlhfkit.more import (
     min_norm_weights,
     normalize_gradients,
     per_source_losses,
+    reference_min_norm_two,
+    reference_min_norm_weights,
     reward_gradients,
     trainer_class,
 )
@@ -271,7 +273,7 @@ def _source(n, length_sign, generator, length_cue, dim=6, label_noise=0.1):
     return chosen, rejected
 
 
-def _train_toy(objective, seed, steps=600, batch_size=16, lr=0.05):
+def _train_toy(objective, seed, steps=600, batch_size=16, lr=0.05, weighting="inverse_norm"):
     generator = torch.Generator().manual_seed(seed)
     large = _source(2000, +1, generator, length_cue=2.0)  # e.g. "helpful": longer is better
     small = _source(64, -1, generator, length_cue=1.0)  # e.g. "harmless": shorter (refusals) is better
@@ -281,7 +283,7 @@ def _train_toy(objective, seed, steps=600, batch_size=16, lr=0.05):
     torch.manual_seed(seed)
     model = _ToyRewardModel(chosen.shape[1])
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    criterion = SourceWeightedLoss(objective, ["large", "small"], alpha=0.99, normalize="l2")
+    criterion = SourceWeightedLoss(objective, ["large", "small"], alpha=0.99, normalize="l2", weighting=weighting)
     weights_small = []
     for rows in SourceBalancedBatchSampler(source.tolist(), batch_size, seed=seed, num_batches=steps):
         rows = torch.tensor(rows)
@@ -300,6 +302,7 @@ def _train_toy(objective, seed, steps=600, batch_size=16, lr=0.05):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_more_beats_multitask_on_the_worst_source(seed):
+    # --more_weighting inverse_norm; the reference rule with two sources and l2 is multitask (see below)
     (multi_large, multi_small), multi_weight = _train_toy("multitask", seed)
     (more_large, more_small), more_weight = _train_toy("more", seed)
     assert multi_weight == pytest.approx(0.5)
@@ -351,7 +354,10 @@ def _rm_args(tmp_path, objective, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective,extra", [("more", ["--use_peft", "true"]), ("multitask", [])])
+# inverse_norm: with two l2-normalised sources the reference rule is always ½, ½ (tested above), so only this rule
+# shows weights moving away from ½ through the trainer
+@pytest.mark.parametrize("objective,extra", [("more", ["--use_peft", "true", "--more_weighting", "inverse_norm"]),
+                                             ("multitask", [])])
 def test_rm_train_objective_smoke(tmp_path, objective, extra):
     rm_train, args = _rm_args(tmp_path, objective, "--validation_split_percentage", "20", *extra)
     metrics = rm_train.main(*args)
@@ -415,6 +421,7 @@ def test_rm_train_more_under_zero3_with_lora(tmp_path):
                "--num_processes", "2", "rm_train.py", "--model_name_or_path", "tiny-random-llama",
                "--dataset_path", str(helpful), str(harmless), "--output_dir", str(out), "--objective", "more",
                "--use_peft", "true", "--lora_r", "4", "--max_steps", "3", "--per_device_train_batch_size", "4",
+               "--more_weighting", "inverse_norm",
                "--logging_steps", "1", "--save_strategy", "no", "--learning_rate", "5e-3", "--report_to", "none",
                "--disable_tqdm", "true", "--reward_stats_samples", "8"]
     result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=900, env=dict(os.environ))
@@ -441,3 +448,81 @@ def test_more_without_a_head_fails_clearly():
         with capture_reward_head(nn.Sequential(nn.Linear(3, 1))):
             pass
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the reference rule (dunzeng/MORE compute_lambda → more_ranking_loss(weights=λ)), --more_weighting reference
+# ---------------------------------------------------------------------------------------------------------------
+def _brute_force_min_norm(vectors):
+    """Exact min over the simplex of ‖Σ λ_k x_k‖² by enumerating supports (KKT on each face)."""
+    from itertools import combinations
+
+    gram = (vectors.double() @ vectors.double().T)
+    k = gram.shape[0]
+    best = None
+    for size in range(1, k + 1):
+        for support in combinations(range(k), size):
+            index = list(support)
+            g = gram[index][:, index]
+            system = torch.zeros(size + 1, size + 1, dtype=torch.float64)
+            system[:size, :size] = g
+            system[:size, size] = -1.0
+            system[size, :size] = 1.0
+            rhs = torch.zeros(size + 1, dtype=torch.float64)
+            rhs[size] = 1.0
+            try:
+                solution = torch.linalg.solve(system, rhs)[:size]
+            except RuntimeError:
+                continue
+            if (solution < -1e-12).any():
+                continue
+            weights = torch.zeros(k, dtype=torch.float64)
+            weights[index] = solution
+            cost = float(weights @ gram @ weights)
+            if best is None or cost < best[0]:
+                best = (cost, weights)
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reference_weights_on_three_sources_match_a_brute_force_min_norm(seed):
+    generator = torch.Generator().manual_seed(seed)
+    raw = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    raw[2] = -0.5 * raw[0] + 0.3 * torch.randn(6, generator=generator, dtype=torch.float64)  # conflicting sources
+    unit, _ = normalize_gradients(raw, "l2")
+    weighting = MoreWeighting(3, alpha=1.0, normalize="l2", weighting="reference")
+    weights = weighting.update(raw, [0, 1, 2]).double()
+    cost, exact = _brute_force_min_norm(unit)
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert weights.tolist() == pytest.approx(exact.tolist(), abs=5e-3)
+    assert _objective(weights, unit) == pytest.approx(cost, abs=1e-4)
+    assert torch.allclose(weights, reference_min_norm_weights(unit).float().double())  # λ itself, not λ/‖g‖
+
+
+def test_reference_rule_details():
+    assert reference_min_norm_two(1.0, 1.0, 1.0) == (0.999, 1.0)  # v12 ≥ v11: the reference's boundary value
+    assert reference_min_norm_two(4.0, 2.0, 1.0) == (0.001, 1.0)  # v12 ≥ v22
+    gamma, _ = reference_min_norm_two(1.0, 0.0, 1.0)
+    assert gamma == 0.5
+    # two l2-normalised sources: always ½, ½, whatever the norms (the paper's method = multitask here)
+    weights = MoreWeighting(2, normalize="l2", weighting="reference").update(torch.tensor([[3.0, 4.0], [0.0, 2.0]]), [0, 1])
+    assert weights.tolist() == pytest.approx([0.5, 0.5])
+    inverse = MoreWeighting(2, normalize="l2", weighting="inverse_norm").update(torch.tensor([[3.0, 4.0], [0.0, 2.0]]), [0, 1])
+    assert inverse.tolist() == pytest.approx([2 / 7, 5 / 7])
+    with pytest.raises(ValueError):
+        MoreWeighting(2, weighting="mgda")
+
+
+def test_reference_loss_is_lambda_weighted_raw_losses():
+    chosen = torch.tensor([1.0, 0.0, 2.0, -1.0, 0.5, 0.3])
+    rejected = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.0, 0.9])
+    source = torch.tensor([0, 0, 1, 1, 2, 2])
+    features = torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
+    criterion = SourceWeightedLoss("more", ["a", "b", "c"], alpha=1.0, normalize="l2", weighting="reference")
+    loss, metrics = criterion(chosen, rejected, source, features=features)
+    present, losses, _ = per_source_losses(chosen, rejected, source)
+    grads = head_gradients(reward_gradients(chosen, rejected, source, present), features)
+    unit, _ = normalize_gradients(grads.double(), "l2")
+    lam = reference_min_norm_weights(unit)
+    assert float(loss) == pytest.approx(float(sum(float(w) * l for w, l in zip(lam, losses))), rel=1e-5)
+    assert [metrics[f"weight/{n}"] for n in "abc"] == pytest.approx(lam.tolist(), abs=1e-6)

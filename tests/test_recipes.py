@@ -289,12 +289,14 @@ MIXTURE2 = {**MIXTURE1, "shp": (6, 4), "ultrafeedback": (4, 6), "helpsteer": (7,
     ("mixture4", {**MIXTURE2, "pku-saferlhf": (5, 5)}),
 ])
 def test_recipe_counts_add_up(tmp_path, recipe, expected):
-    manifest, out_rows = run(tmp_path, recipe, recipe=recipe)
+    # mixture4 asks PKU-SafeRLHF for 150K pairs; the 5-row fixture only builds with --allow_short_sources
+    manifest, out_rows = run(tmp_path, recipe, recipe=recipe, allow_short_sources=recipe == "mixture4")
     assert_adds_up(manifest, out_rows)
     assert {label: (e["input_rows"], e["kept"]) for label, e in manifest["sources"].items()} == expected
     for row in out_rows:
         assert is_valid_prompt(row["prompt"]) and row["chosen"][0]["role"] == "assistant"
     assert manifest["sources"]["shp"]["published_count"] == (55916 if recipe == "mixture1" else 109526)
+    assert manifest["sources"]["shp"]["holds_fewer_rows_than_published"] is True  # a 6-row fixture
 
 
 def test_mixture1_rule_counts(tmp_path):
@@ -454,17 +456,59 @@ def test_hub_sources_are_loaded_by_name_and_hh_subset(tmp_path, monkeypatch):
     local = {"Anthropic/hh-rlhf": lambda data_dir: rows(f"hh_rlhf/{data_dir}/train.jsonl"),
              "argilla/distilabel-intel-orca-dpo-pairs": lambda data_dir: rows("orca.jsonl")}
 
-    def fake_load_dataset(name, data_dir=None, split=None):
-        calls.append((name, data_dir, split))
+    def fake_load_dataset(name, data_dir=None, split=None, revision=None):
+        calls.append((name, data_dir, split, revision))
         if name == "Anthropic/hh-rlhf" and data_dir == "helpful-rejection-sampled":
             return datasets.Dataset.from_list([])  # not in the fixtures
         return datasets.Dataset.from_list(local[name](data_dir))
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    manifest = main(ScriptArguments(output_dir=str(tmp_path / "out"), recipe="mixture1", sources=["hh_rlhf", "orca"]))
-    assert calls == [("Anthropic/hh-rlhf", "helpful-base", "train"), ("Anthropic/hh-rlhf", "helpful-online", "train"),
-                     ("Anthropic/hh-rlhf", "helpful-rejection-sampled", "train"),
-                     ("argilla/distilabel-intel-orca-dpo-pairs", None, "train")]
+    import prepare_data
+
+    monkeypatch.setattr(prepare_data, "resolve_hub_revision", lambda name, revision: f"sha-of-{name}@{revision}")
+    manifest = main(ScriptArguments(output_dir=str(tmp_path / "out"), recipe="mixture1", sources=["hh_rlhf", "orca"],
+                                    hub_revision=["orca=abc123"]))
+    assert calls == [("Anthropic/hh-rlhf", "helpful-base", "train", "main"),
+                     ("Anthropic/hh-rlhf", "helpful-online", "train", "main"),
+                     ("Anthropic/hh-rlhf", "helpful-rejection-sampled", "train", "main"),
+                     ("argilla/distilabel-intel-orca-dpo-pairs", None, "train", "abc123")]
+    revisions = manifest["revisions"]
+    assert revisions["hh-rlhf"]["requested"] == "main" and revisions["hh-rlhf"]["resolved"] == "sha-of-Anthropic/hh-rlhf@main"
+    assert revisions["orca"]["requested"] == "abc123" and revisions["orca"]["note"] == "set by --hub_revision"
     assert {s: (e["input_rows"], e["kept"]) for s, e in manifest["sources"].items()} == \
         {"hh-rlhf": MIXTURE1["hh-rlhf"], "orca": MIXTURE1["orca"]}
-    assert manifest["sources"]["orca"]["origin"] == ["argilla/distilabel-intel-orca-dpo-pairs[train]"]
+    assert manifest["sources"]["orca"]["origin"] == ["argilla/distilabel-intel-orca-dpo-pairs@abc123[train]"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pinned revisions and counts the sources cannot fill
+# ---------------------------------------------------------------------------------------------------------------
+def test_every_hub_source_is_pinned_and_pku_to_its_first_release():
+    from rlhfkit.recipes import SOURCES
+
+    for key, spec in SOURCES.items():
+        if spec.hub_name:
+            assert spec.revision and spec.revision_note, key
+    assert SOURCES["pku_saferlhf"].revision == "v0"
+
+
+def test_recipe_asking_for_more_pairs_than_the_source_holds(tmp_path):
+    with pytest.raises(UserError, match=r"asks for 150000 pairs .* holds only 5 .*revision 'v0'.*--allow_short_sources"):
+        run(tmp_path, "m4", recipe="mixture4", sources=["pku_saferlhf"])
+    manifest, out_rows = run(tmp_path, "m4b", recipe="mixture4", sources=["pku_saferlhf"], allow_short_sources=True)
+    short = manifest["shortfalls"]["pku-saferlhf"]
+    assert (short["requested"], short["available"], short["input_rows"]) == (150000, 5, 5)
+    assert len(out_rows) == 5
+    revision = manifest["revisions"]["pku-saferlhf"]
+    assert revision["local_copy"] and revision["pinned_hub_revision"] == "v0"
+    assert "holds_fewer_rows_than_published" not in manifest["sources"]["pku-saferlhf"]  # no published count
+
+
+def test_hub_revision_flag_is_checked():
+    from rlhfkit.recipes import parse_hub_revisions
+
+    assert parse_hub_revisions(["pku_saferlhf=main"]) == {"pku_saferlhf": "main"}
+    with pytest.raises(UserError, match="SOURCE=REVISION"):
+        parse_hub_revisions(["pku_saferlhf"])
+    with pytest.raises(UserError, match="not a hub source"):
+        parse_hub_revisions(["lmflow=main"])
