@@ -70,12 +70,12 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
     from rlhfkit.checkpoints import StageOutput, fingerprint, parent_from_model, parent_record, save_final_model
     from rlhfkit.data import train_eval_split
+    from rlhfkit.faults import install_fault_handlers
     from rlhfkit.models import ensure_pad_token, load_causal_lm, load_tokenizer, peft_config, resolve_model
     from rlhfkit.sft_data import load_sft
 
-    stage, resume_from, final_output_dir = StageOutput.for_trainer(training_args, "sft",
-                                                                   overwrite=model_args.overwrite_output_dir)
-    arguments = to_dict(script_args, model_args, training_args) | {"output_dir": final_output_dir}
+    StageOutput.check_free(training_args.output_dir, model_args.overwrite_output_dir)
+    arguments = to_dict(script_args, model_args, training_args)
     setup_logging(training_args.process_index == 0)
 
     # ---------------------------------------------------------------- model & tokenizer
@@ -107,7 +107,10 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     logger.info("training rows: %d, held-out rows: %d", len(train_rows), len(eval_rows))
 
     # ---------------------------------------------------------------- train
+    # the staging dir appears only now, so bad input above leaves nothing behind
+    stage, resume_from, _ = StageOutput.for_trainer(training_args, "sft", overwrite=model_args.overwrite_output_dir)
     trainer = build_trainer(SFTTrainer, model, tokenizer, training_args, train_dataset, eval_dataset, lora)
+    install_fault_handlers(trainer, training_args)
     # TRL drops rows left with no trained token after truncation (e.g. a prompt alone filling max_length)
     dropped_by_max_length = 0 if training_args.packing else len(train_rows) - len(trainer.train_dataset)
     if len(trainer.train_dataset) == 0:

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from rlhfkit.checkpoints import write_json_atomic
+from rlhfkit.checkpoints import RunLock, write_json_atomic
 from rlhfkit.errors import UserError, where
 
 OUTPUT_FILE = "generations.jsonl"
@@ -41,11 +41,24 @@ class ShardFile:
         self.index, self.world_size = index, world_size
         self.path = self.directory / f"{shard_name(index, world_size)}.jsonl"
         self.done_path = self.directory / f"{shard_name(index, world_size)}.done.json"
+        self.lock_path = self.directory / f"{shard_name(index, world_size)}.lock"
         self._handle = None
+        self._lock: RunLock | None = None
+        self._guard = None
 
     def open_for_append(self, discard: bool = False) -> list[dict]:
-        """Open for appending; return the complete rows already there (after cutting a torn last line)."""
+        """Open for appending; return the complete rows already there (after cutting a torn last line).
+
+        Takes the shard's lock first: a second process writing the same shard file is refused with one line naming
+        the holder; a lock left by a killed process is taken over (a rerun always resumes a shard). Installs the
+        preemption handler: on SIGTERM/SIGUSR1 the batch in progress is finished and appended, then the process stops
+        (`rlhfkit.faults.Preempted`, exit 75) and a rerun continues after the rows written."""
+        from rlhfkit.faults import PreemptionGuard
+
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = RunLock(self.lock_path, what=f"generation process for shard {self.index} of {self.world_size}")
+        self._lock.acquire(takeover=True, stage="generate")
+        self._guard = PreemptionGuard()
         rows: list[dict] = []
         if discard:
             self.path.unlink(missing_ok=True)
@@ -65,11 +78,23 @@ class ShardFile:
         self._handle.write(payload)
         self._handle.flush()
         os.fsync(self._handle.fileno())
+        if self._guard is not None and self._guard.requested:
+            rows_written = len(read_rows(self.path, allow_torn_tail=True)[0])
+            guard = self._guard
+            self.close()
+            guard.exit(rows_written, self.path, what=f"after {rows_written} rows of shard {self.index} were "
+                             f"written to {self.path} (flushed)", resume_hint="rerun the same command to continue")
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        if self._guard is not None:
+            self._guard.uninstall()
+            self._guard = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def mark_done(self, record: dict) -> None:
         write_json_atomic(self.done_path, record)
@@ -82,7 +107,12 @@ def read_rows(path: str | os.PathLike, allow_torn_tail: bool = False) -> tuple[l
     otherwise. A bad line anywhere else is damage no rerun should paper over.
     """
     path = Path(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: the shard file disappeared while being read (removed by another process?)") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
     lines = data.split(b"\n")
     rows: list[dict] = []
     offset = 0
@@ -92,14 +122,21 @@ def read_rows(path: str | os.PathLike, allow_torn_tail: bool = False) -> tuple[l
             break
         try:
             if is_last:  # no terminating newline: the write did not finish
-                raise ValueError("unterminated")
-            row = json.loads(line.decode("utf-8"))
+                raise ValueError("a torn last line (no newline: the write did not finish)")
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"not valid UTF-8 at byte offset {offset + exc.start}") from None
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError("not an object")
-        except ValueError:
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
             if (is_last or (number == len(lines) - 1 and lines[-1] == b"")) and allow_torn_tail:
                 break
-            raise UserError(f"{where(path, number)}: damaged line in a generation shard (not a JSON object)") from None
+            raise UserError(f"{where(path, number)}: damaged line in a generation shard: {exc}") from None
         rows.append(row)
         offset += len(line) + 1
     return rows, offset
@@ -122,7 +159,11 @@ def merge_shards(directory: str | os.PathLike, world_size: int, expected_ids: Se
                 f"{directory}: shard {index} of {world_size} {state} (run generate.py --local_index {index} "
                 f"--world_size {world_size} with the same arguments)"
             )
-        done = json.loads(shard.done_path.read_text(encoding="utf-8"))
+        try:
+            done = json.loads(shard.done_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{shard.done_path}: unreadable shard record ({type(exc).__name__}); rerun generate.py "
+                            f"--local_index {index} --world_size {world_size} to rewrite it") from None
         done_records.append(done)
         for position, row_id in done["assigned"]:
             if row_id in assigned:
@@ -169,3 +210,4 @@ def remove_shards(directory: str | os.PathLike, world_size: int) -> None:
         shard = ShardFile(directory, index, world_size)
         shard.path.unlink(missing_ok=True)
         shard.done_path.unlink(missing_ok=True)
+        shard.lock_path.unlink(missing_ok=True)  # left only by a killed process

@@ -131,6 +131,156 @@ def check_parent(path: str | os.PathLike, role: str = "model", expect_stage: str
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# one run per directory
+# ---------------------------------------------------------------------------------------------------------------
+LOCK_FILE = "LOCK"
+# Stages whose processes legitimately share one OUT.partial: generation shards (one process per --local_index)
+# append to their own shard files, and each process locks its own shard file instead (generation/shards.py).
+SHARED_STAGES = frozenset({"generate"})
+_HELD: dict[str, "RunLock"] = {}  # lock path → the lock this process holds
+_OUTPUTS: list["StageOutput"] = []  # staging dirs this process is writing (for release_all)
+
+
+class RunLock:
+    """An exclusive lock on a file, held by an open descriptor (`flock`) for the life of the process.
+
+    The kernel drops the flock when its process dies (kill -9 included), so a lock file whose flock can be taken is
+    stale: its writer is gone. The file's content says who held it: pid, host, start time, command (JSON).
+    `release` unlinks the file, so a leftover file always means the writer did not end cleanly.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str = "run"):
+        self.path = Path(path)
+        self.what = what
+        self._fd: int | None = None
+
+    @staticmethod
+    def describe(holder: dict | None) -> str:
+        if not holder:
+            return "holder unknown (empty lock file)"
+        return (f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
+                + (f", stage {holder['stage']}" if holder.get("stage") else ""))
+
+    @staticmethod
+    def read(path: str | os.PathLike) -> dict | None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            return json.loads(text) if text.strip() else None
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def probe(path: str | os.PathLike) -> dict | None:
+        """The holder record if a live process holds the lock at `path`, else None (no file, or stale)."""
+        import fcntl
+
+        path = Path(path)
+        if str(path) in _HELD:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return RunLock.read(path) or {}
+        finally:
+            os.close(fd)  # closing drops a flock we may just have taken
+        return None
+
+    def acquire(self, takeover: bool, takeover_hint: str = "", stage: str | None = None) -> None:
+        """Take the lock. A live holder: refuse with one line naming it. A stale lock (its process gone): refuse
+        unless `takeover`, then log it and take it over."""
+        import fcntl
+        import socket
+        import sys
+
+        key = str(self.path)
+        if key in _HELD and _HELD[key]._fd is not None:  # this process holds it already (a later StageOutput)
+            previous_owner = _HELD[key]
+            self._fd, previous_owner._fd = previous_owner._fd, None
+            _HELD[key] = self
+            return
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, default_file_mode())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = self.read(self.path)
+                raise UserError(
+                    f"{self.path.parent}: another {self.what} is writing here ({self.describe(holder)}; lock file "
+                    f"{self.path}); wait for it to finish or choose another output path"
+                ) from None
+            try:
+                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if not same_file:  # its holder released (unlinked) it between our open and flock: try again
+                os.close(fd)
+                continue
+            previous = os.read(fd, 65536)
+            if previous.strip():
+                try:
+                    holder = json.loads(previous)
+                except ValueError:
+                    holder = None
+                if not takeover:
+                    os.close(fd)
+                    raise UserError(
+                        f"{self.path}: a previous {self.what} ({self.describe(holder)}) is no longer running and did "
+                        f"not end cleanly (killed?); {takeover_hint or 'rerun to take it over'}"
+                    )
+                logger.warning("%s: taking over the lock of a %s that is gone (%s)", self.path, self.what,
+                               self.describe(holder))
+            record = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                      "stage": stage, "command": " ".join(sys.argv)[:500]}
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
+            os.fsync(fd)
+            self._fd = fd
+            _HELD[key] = self
+            return
+        raise UserError(f"{self.path}: could not take the lock (other processes keep taking and releasing it)")
+
+    def moved_to(self, path: Path) -> None:
+        """The directory holding the lock file was renamed: follow it."""
+        _HELD.pop(str(self.path), None)
+        self.path = Path(path)
+        _HELD[str(self.path)] = self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        if _HELD.get(str(self.path)) is self:
+            del _HELD[str(self.path)]
+        try:
+            self.path.unlink(missing_ok=True)  # unlink first, then drop the flock: a waiter retries on a new file
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+def writing_dir() -> Path | None:
+    """The staging dir this process is writing, if any (named in disk-error messages)."""
+    return _OUTPUTS[-1].staging if _OUTPUTS else None
+
+
+def release_all(failed: bool) -> None:
+    """At the end of a stage process (`rlhfkit.cli.run_stage`): drop every lock this process holds. After a failure
+    (bad input, a crash), a staging dir this process created that holds nothing but its markers is removed, so bad
+    input leaves nothing behind; anything with checkpoints or rows in it is kept for resuming."""
+    for output in list(_OUTPUTS):
+        output.release(failed)
+    for lock in list(_HELD.values()):
+        lock.release()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # writing a stage's output
 # ---------------------------------------------------------------------------------------------------------------
 def _is_main_process() -> bool:
@@ -173,26 +323,70 @@ class StageOutput:
                 f"{final}: output dir already holds {state} run; pass --overwrite_output_dir true "
                 f"or choose another --output_dir"
             )
+        lock_path = Path(str(final) + PARTIAL_SUFFIX) / LOCK_FILE
+        holder = RunLock.probe(lock_path)
+        if holder is not None:
+            raise UserError(f"{final}: another run is writing this output dir ({RunLock.describe(holder)}; lock file "
+                            f"{lock_path}); wait for it to finish or choose another --output_dir")
 
     def __init__(self, output_dir: str | os.PathLike, stage: str, overwrite: bool = False, resume: bool = False):
         self.final = Path(str(output_dir).rstrip("/"))
         self.stage = stage
         self.staging = Path(str(self.final) + PARTIAL_SUFFIX)
         self.checkpoints = self.staging / CHECKPOINTS_SUBDIR
+        self.lock: RunLock | None = None
+        self.created = False  # this process made the staging dir (so a failure before any real output removes it)
         self.check_free(self.final, overwrite)
         if _is_main_process():
-            if self.staging.exists() and not resume:
-                if self.last_checkpoint() is not None and not overwrite:
-                    raise UserError(
-                        f"{self.staging}: an interrupted run left checkpoints here; pass "
-                        f"--resume_from_checkpoint true to continue it or --overwrite_output_dir true to start over"
-                    )
-                shutil.rmtree(self.staging)
-            self.staging.mkdir(parents=True, exist_ok=True)
-            (self.staging / INCOMPLETE_MARKER).write_text(
-                "This directory is being written by a stage that has not finished.\n", encoding="utf-8"
-            )
+            try:
+                self._prepare(overwrite, resume)
+            except BaseException:
+                self.release(failed=True)
+                raise
+            _OUTPUTS.append(self)
         _wait_for_everyone()
+
+    def _prepare(self, overwrite: bool, resume: bool) -> None:
+        existed = self.staging.exists()
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.created = not existed
+        if self.stage not in SHARED_STAGES:
+            self.lock = RunLock(self.staging / LOCK_FILE, what=f"{self.stage} run")
+            self.lock.acquire(takeover=resume or overwrite, stage=self.stage, takeover_hint=(
+                "pass --resume_from_checkpoint true to take over and continue it, or --overwrite_output_dir true "
+                "to start over"))
+        if existed and not resume:
+            if self.last_checkpoint() is not None and not overwrite:
+                raise UserError(
+                    f"{self.staging}: an interrupted run left checkpoints here; pass "
+                    f"--resume_from_checkpoint true to continue it or --overwrite_output_dir true to start over"
+                )
+            for entry in self.staging.iterdir():  # start over, keeping the lock we hold
+                if entry.name == LOCK_FILE:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        (self.staging / INCOMPLETE_MARKER).write_text(
+            "This directory is being written by a stage that has not finished.\n", encoding="utf-8"
+        )
+
+    def release(self, failed: bool = False) -> None:
+        """Drop the lock. After a failure, remove the staging dir if this process created it and nothing but the
+        markers is in it (bad input writes nothing); otherwise keep it for --resume_from_checkpoint."""
+        if self in _OUTPUTS:
+            _OUTPUTS.remove(self)
+        if failed and self.created and self.staging.is_dir():
+            try:
+                entries = {entry.name: entry for entry in self.staging.iterdir()}
+                empty_checkpoints = CHECKPOINTS_SUBDIR not in entries or not any(entries[CHECKPOINTS_SUBDIR].iterdir())
+                if set(entries) <= {LOCK_FILE, INCOMPLETE_MARKER, CHECKPOINTS_SUBDIR} and empty_checkpoints:
+                    shutil.rmtree(self.staging)
+            except OSError:
+                pass
+        if self.lock is not None:
+            self.lock.release()
 
     @classmethod
     def for_trainer(cls, training_args, stage: str, overwrite: bool = False) -> tuple["StageOutput", str | None, str]:
@@ -245,7 +439,8 @@ class StageOutput:
             files = sorted(
                 name
                 for name in os.listdir(self.staging)
-                if (self.staging / name).is_file() and name != INCOMPLETE_MARKER and not name.startswith(".")
+                if (self.staging / name).is_file() and name not in (INCOMPLETE_MARKER, LOCK_FILE)
+                and not name.startswith(".")
             )
             info = {
                 "stage": self.stage,
@@ -269,6 +464,10 @@ class StageOutput:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(self.staging, self.final)
+            # the lock moved with the dir (still held: nobody can take OUT.partial meanwhile); drop it now
+            if self.lock is not None:
+                self.lock.moved_to(self.final / LOCK_FILE)
+            self.release()
             logger.info("wrote %s", self.final)
         _wait_for_everyone()
         return self.final

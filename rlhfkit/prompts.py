@@ -90,8 +90,8 @@ def load_prompts(
     report: dict[str, dict] = {}
     for spec_text in paths:
         spec = parse_source(spec_text)
-        records = read_records(spec.path, split=split)
-        counts: Counter = Counter(read=len(records))
+        records = read_records(spec.path, split=split, skip_invalid=skip_invalid, hint=False)
+        counts: Counter = Counter(read=len(records) + sum(records.skipped.values()), **records.skipped)
         candidates: list[tuple[str, list[dict], str | None]] = []  # (where, prompt, given id)
         if records and is_preference_row(records[0]):
             counts["format_preference"] = 1

@@ -243,7 +243,9 @@ def load_sft(paths: str | list[str], text_template: str | None = None, seed: int
     for spec_text in map(str, paths):
         spec = parse_source(spec_text)
         path = spec.path
-        records = read_records(path, split=split)
+        records = read_records(path, split=split, skip_invalid=skip_invalid)
+        if records.skipped:  # lines the reader could not decode, skipped under skip_invalid
+            dropped["invalid"] += sum(records.skipped.values())
         numbered = list(enumerate(records, start=1))
         if spec.count is not None or spec.fraction is not None:
             want = spec.count if spec.count is not None else round(spec.fraction * len(numbered))
