@@ -10,7 +10,8 @@ reward; OpenRLHF needs Ray and its own launcher. So the loop is written here on 
 functions in `rlhfkit/rl.py` (tested against hand-computed values), and reuses TRL only for gathering ZeRO-3
 weights once per rollout (`unwrap_model_for_generation`) and for preparing frozen models under DeepSpeed.
 
-One PPO step:  rollout() → score() → compute_advantages() → ppo_update()
+One PPO step (all in `rlhfkit.ppo`, which also owns `PPOConfig`):
+    rollout() → score() → forward_rollout() / reference_logprobs() → compute_advantages() → ppo_update()
 - rollout: batched HF `generate` with the stop rules of `generation/` (`rlhfkit.sampling`: EOS plus the chat
   template's end-of-turn token), per-sample seeds derived from (seed, step, prompt position), so a resumed run draws
   the same samples; then one no-grad forward each for the policy's log-probs, the values and the reference log-probs.
@@ -59,40 +60,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import TrainingArguments
 
-from rlhfkit import rl
+from rlhfkit import ppo
 from rlhfkit.args import ModelArguments
 from rlhfkit.checkpoints import StageOutput, parent_record
 from rlhfkit.checkpoints import resume_requested as checkpoint_resume_requested
 from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.errors import UserError
-from rlhfkit.ppo import (
-    TRAINER_STATE,
-    VALUE_MODEL_DIR,
-    FunctionReward,
-    ModelReward,
-    is_deepspeed,
-    prepare_frozen,
-    PolicyAndValue,
-    build_value_model,
-    apply_lora,
-    rollout,
-    forward_rollout,
-    reference_logprobs,
-    compute_advantages,
-    score,
-    rollout_metrics,
-    ppo_update,
-    prompt_positions,
-    save_checkpoint,
-    save_pretrained_from_state,
-    sub_state_dict,
-    trackers_from_report_to,
-)
+from rlhfkit.ppo import PPOConfig
 
 logger = logging.getLogger("ppo_train")
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,93 +121,6 @@ class ScriptArguments:
             raise ValueError("--value_model_init reward_model needs --reward_model_path")
 
 
-@dataclass
-class PPOConfig(TrainingArguments):
-    """Training flags: HF TrainingArguments (optimizer, schedule, precision, logging, saving) plus PPO's own.
-
-    Read by this loop: learning_rate, weight_decay, adam_*, max_grad_norm, lr_scheduler_type, warmup_steps,
-    max_steps (PPO steps; else num_train_epochs passes over the prompts), per_device_train_batch_size (micro batch
-    of the update), gradient_accumulation_steps, gradient_checkpointing, bf16/fp16, seed, logging_steps,
-    save_strategy/save_steps/save_total_limit, report_to, output_dir, resume_from_checkpoint, disable_tqdm.
-    Evaluation and hub fields are not used.
-    """
-
-    learning_rate: float = field(default=1e-6, metadata={"help": "Learning rate of the policy."})
-    logging_steps: float = field(default=1, metadata={"help": "Log every N PPO steps."})
-    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N PPO steps."})
-    per_device_train_batch_size: int = field(
-        default=4, metadata={"help": "Sequences per forward/backward in the update."}
-    )
-
-    rollout_batch_size: int = field(default=8, metadata={"help": "Prompts per process per PPO step."})
-    num_samples_per_prompt: int = field(default=1, metadata={"help": "K responses per prompt (≥ 2 for rloo/grpo)."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Response length limit."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs use the same)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
-    generation_batch_size: int | None = field(
-        default=None, metadata={"help": "Prompts per generate call (default: the whole rollout batch)."}
-    )
-    use_vllm: bool = field(default=False, metadata={"help": "Not implemented in this loop; refused."})
-
-    advantage_estimator: str = field(default="gae", metadata={"help": "gae | rloo | grpo | reinforce_pp."})
-    gamma: float = field(default=1.0, metadata={"help": "Discount (GAE, REINFORCE++)."})
-    lam: float = field(default=0.95, metadata={"help": "GAE λ."})
-    whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages over the rollout batch."})
-    whiten_rewards: bool = field(default=False, metadata={"help": "Rescale per-token rewards (GAE) by their std."})
-    grpo_scale_by_std: bool = field(default=True, metadata={"help": "GRPO: divide by the group std (false: Dr. GRPO)."})
-
-    kl_estimator: str = field(default="k1", metadata={"help": "k1 | k3 (k2 also accepted): per-token KL estimate."})
-    kl_coef: float = field(
-        default=0.05, metadata={"help": "β of the KL penalty in the reward (initial β if adaptive)."}
-    )
-    kl_target: float | None = field(
-        default=None, metadata={"help": "Adaptive KL: target per-sequence KL (Ziegler et al.); unset = fixed β."}
-    )
-    kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon, in sequences."})
-    kl_loss_coef: float = field(default=0.0, metadata={"help": "KL (k3) to the reference as a loss term (GRPO style)."})
-
-    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
-    cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip ε."})
-    cliprange_value: float | None = field(default=0.2, metadata={"help": "Value clip; unset = unclipped MSE."})
-    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
-    value_learning_rate: float | None = field(
-        default=None, metadata={"help": "Learning rate of the value model (default: --learning_rate)."}
-    )
-    entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus weight."})
-
-    reward_normalization: str = field(
-        default="auto",
-        metadata={"help": "auto (the RM's reward_stats if present, else none) | rm_stats | running | none."},
-    )
-    missing_eos_penalty: float | None = field(
-        default=None, metadata={"help": "Subtracted from the (normalised) score of responses without a stop token."}
-    )
-    reward_clip: float | None = field(default=None, metadata={"help": "Clip normalised scores to ±this."})
-    save_value_model: bool = field(default=True, metadata={"help": "Save the value model in OUT/value_model/."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.use_vllm:
-            raise ValueError("--use_vllm is not supported by ppo_train.py yet; drop it (HF generate is used)")
-        if self.advantage_estimator not in rl.ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"--advantage_estimator must be one of {', '.join(rl.ADVANTAGE_ESTIMATORS)}")
-        if self.kl_estimator not in rl.KL_ESTIMATORS:
-            raise ValueError(f"--kl_estimator must be one of {', '.join(rl.KL_ESTIMATORS)}")
-        if self.advantage_estimator in ("rloo", "grpo") and self.num_samples_per_prompt < 2:
-            raise ValueError(f"--advantage_estimator {self.advantage_estimator} needs --num_samples_per_prompt ≥ 2")
-        if self.reward_normalization not in ("auto", "rm_stats", "running", "none"):
-            raise ValueError("--reward_normalization must be auto, rm_stats, running or none")
-        rollout = self.rollout_batch_size * self.num_samples_per_prompt
-        minibatch = self.per_device_train_batch_size * self.gradient_accumulation_steps
-        if rollout % minibatch:
-            raise ValueError(
-                f"rollout of {rollout} sequences (rollout_batch_size × num_samples_per_prompt) does not split into "
-                f"minibatches of {minibatch} (per_device_train_batch_size × gradient_accumulation_steps)"
-            )
-        if self.temperature <= 0:
-            raise ValueError("--temperature must be > 0 (PPO needs a stochastic policy)")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,7 +133,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
     from rlhfkit.models import ensure_pad_token, load_causal_lm, load_tokenizer, resolve_model
     from rlhfkit.prompts import load_prompts
-    from rlhfkit.sampling import derive_seed, render_generation_prompt, stop_token_ids
+    from rlhfkit.sampling import render_generation_prompt, stop_token_ids
 
     # ---------------------------------------------------------------- setup
     args = training_args
@@ -257,7 +147,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     accelerator = new_accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=mixed,
-        log_with=trackers_from_report_to(args.report_to),
+        log_with=ppo.trackers_from_report_to(args.report_to),
         # trackers write beside the outputs, so the logs move with OUT.partial → OUT
         project_config=ProjectConfiguration(project_dir=str(out.staging), logging_dir=str(out.staging / "runs")),
         step_scheduler_with_optimizer=False,  # we step it per optimizer step of this process ourselves
@@ -268,14 +158,17 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     policy_path, policy_record = resolve_model(model_args.model_name_or_path, role="policy")
     tokenizer = load_tokenizer(policy_path, model_args.chat_template, padding_side="left")
     policy = load_causal_lm(policy_path, model_args)
+    vocab_before_pad = policy.get_input_embeddings().num_embeddings  # the reference and value model follow a resize
     ensure_pad_token(tokenizer, policy)
     stop_ids = stop_token_ids(tokenizer, policy)
+    suppressed = ppo.suppressed_token_ids(tokenizer, args.suppress_tokens)
+    ignored_generation_config = ppo.log_ignored_generation_config(policy)
 
     if script_args.reward_model_path is not None:
-        reward = ModelReward(script_args.reward_model_path, model_args, script_args.rm_batch_size,
+        reward = ppo.ModelReward(script_args.reward_model_path, model_args, script_args.rm_batch_size,
                              script_args.rm_max_length)
     else:
-        reward = FunctionReward(script_args.reward_fn)
+        reward = ppo.FunctionReward(script_args.reward_fn)
     norm_mode = args.reward_normalization
     if norm_mode == "auto":
         norm_mode = "rm_stats" if reward.stats is not None else "none"
@@ -286,14 +179,12 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     ref_model = None
     if not (model_args.use_peft and ref_path == policy_path):  # with LoRA the base policy is the reference
         ref_resolved, _ = resolve_model(ref_path, role="reference model")
-        ref_model = load_causal_lm(ref_resolved, model_args)
-        ref_model.config.pad_token_id = tokenizer.pad_token_id
-        ref_model.requires_grad_(False).eval()
+        ref_model = ppo.load_reference(ref_resolved, model_args, policy, vocab_before_pad, tokenizer, ref_path)
 
     value_model, value_tokenizer, value_source = None, None, None
-    if args.advantage_estimator == "gae":
-        value_model, value_tokenizer, value_source = build_value_model(
-            script_args, model_args, policy_path, tokenizer, reward
+    if args.estimator.needs_critic:
+        value_model, value_tokenizer, value_source = ppo.build_value_model(
+            script_args, model_args, policy_path, tokenizer, reward, policy, vocab_before_pad
         )
     if args.gradient_checkpointing:
         kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
@@ -301,10 +192,10 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
             if model is not None:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
                 model.config.use_cache = False
-    policy = apply_lora(policy, model_args, "CAUSAL_LM")
+    policy = ppo.apply_lora(policy, model_args, "CAUSAL_LM")
     if value_model is not None:
-        value_model = apply_lora(value_model, model_args, "SEQ_CLS", modules_to_save=["score"])
-    model = PolicyAndValue(policy, value_model)
+        value_model = ppo.apply_lora(value_model, model_args, "SEQ_CLS", modules_to_save=["score"])
+    model = ppo.PolicyAndValue(policy, value_model, suppressed)
 
     groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": args.learning_rate}]
     if value_model is not None:
@@ -343,7 +234,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(warmup),
                               num_training_steps=optimizer_steps)
 
-    if is_deepspeed(accelerator):  # a custom loop passes no dataloader, so DeepSpeed's "auto" batch sizes are ours
+    if ppo.is_deepspeed(accelerator):  # a custom loop passes no dataloader, so DeepSpeed's "auto" batch sizes are ours
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
         ds_config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
@@ -352,23 +243,19 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     # after the trained model: accelerate has then resolved the DeepSpeed config's "auto" values they reuse
     if ref_model is not None:
-        ref_model = prepare_frozen(ref_model, accelerator)
-    if isinstance(reward, ModelReward):
-        reward.model = prepare_frozen(reward.model, accelerator)
+        ref_model = ppo.prepare_frozen(ref_model, accelerator)
+    if isinstance(reward, ppo.ModelReward):
+        reward.model = ppo.prepare_frozen(reward.model, accelerator)
 
-    kl_controller = (
-        rl.AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
-        if args.kl_target is not None
-        else rl.FixedKLController(args.kl_coef)
-    )
-    moments = rl.RunningMoments()
+    kl_controller = ppo.kl_controller(args)
+    moments = ppo.RunningMoments()
     accelerator.register_for_checkpointing(kl_controller, moments)
 
     # ---------------------------------------------------------------- train
     start_step, history = 0, []
     if resume_dir is not None:
         accelerator.load_state(resume_dir)
-        state = json.loads((Path(resume_dir) / TRAINER_STATE).read_text(encoding="utf-8"))
+        state = json.loads((Path(resume_dir) / ppo.TRAINER_STATE).read_text(encoding="utf-8"))
         start_step, history = int(state["step"]), list(state["log_history"])
         logger.info("resumed from %s at step %d (kl_coef %.4g)", resume_dir, start_step, kl_controller.value)
     if accelerator.is_main_process:
@@ -389,30 +276,30 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     for step in range(start_step, total_steps):
         # -- rollout --
         t0 = time.perf_counter()
-        positions = prompt_positions(step, per_step, len(kept_rows), args.seed)
+        positions = ppo.prompt_positions(step, per_step, len(kept_rows), args.seed)
         mine = positions[accelerator.process_index * args.rollout_batch_size:][: args.rollout_batch_size]
-        seeds = [derive_seed(args.seed, "ppo", step, position) for position in mine]
+        seeds = ppo.rollout_seeds(args.seed, step, mine)
         model.eval()
         with unwrap_model_for_generation(model, accelerator) as generator:
-            batch = rollout(generator.policy, tokenizer, [kept_rows[i] for i in mine], [kept_ids[i] for i in mine],
+            batch = ppo.rollout(generator.policy, tokenizer, [kept_rows[i] for i in mine], [kept_ids[i] for i in mine],
                             seeds, args, stop_ids, accelerator.device)
         t1 = time.perf_counter()
         # -- score --
-        raw, scores = score(reward, batch, args, norm_mode, moments, accelerator,
+        raw, scores = ppo.score(reward, batch, args, norm_mode, moments, accelerator,
                             script_args.reward_fn or script_args.reward_model_path)
         t2 = time.perf_counter()
         # -- advantages --
-        logprobs, values = forward_rollout(model, batch, micro, args.temperature)
-        ref_logprobs = reference_logprobs(ref_model, unwrapped.policy, batch, micro, args.temperature)
-        kl = rl.kl_per_token(logprobs, ref_logprobs, args.kl_estimator) * batch.mask
+        logprobs, values = ppo.forward_rollout(model, batch, micro, args.temperature)
+        ref_logprobs = ppo.reference_logprobs(ref_model, unwrapped.policy, batch, micro, args.temperature, suppressed)
+        kl = ppo.token_kl(args, logprobs, ref_logprobs, batch.mask)
         kl_coef = kl_controller.value
-        advantages, returns = compute_advantages(args, scores, kl, batch.mask, values, kl_coef)
+        advantages, returns = ppo.compute_advantages(args, scores, kl, batch.mask, values, kl_coef)
         # -- update --
-        stats = ppo_update(model, optimizer, scheduler, accelerator, args, batch, logprobs, ref_logprobs,
+        stats = ppo.ppo_update(model, optimizer, scheduler, accelerator, args, batch, logprobs, ref_logprobs,
                            advantages, values, returns)
         t3 = time.perf_counter()
 
-        local = rollout_metrics(batch, raw, scores, logprobs, ref_logprobs, kl, kl_coef, values, returns)
+        local = ppo.rollout_metrics(batch, raw, scores, logprobs, ref_logprobs, kl, kl_coef, values, returns)
         gathered = {key: accelerator.gather(value.float().reshape(1)).mean().item() for key, value in local.items()}
         stats = {key: accelerator.gather(torch.tensor([value], device=accelerator.device)).mean().item()
                  for key, value in stats.items()}
@@ -432,20 +319,21 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
             progress.set_postfix(reward=f"{row['reward/raw']:.3f}", kl=f"{row['kl/k1']:.3f}")
         progress.update(1)
         if save_every and (step + 1) % save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(accelerator, out, step + 1, history, args.save_total_limit)
+            ppo.save_checkpoint(accelerator, out, step + 1, history, args.save_total_limit)
     progress.close()
 
     # ---------------------------------------------------------------- save
     state_dict = accelerator.get_state_dict(model)  # collective: gathers 16-bit weights under ZeRO-3
     merge = not model_args.save_adapter_only
     if accelerator.is_main_process:
-        save_pretrained_from_state(unwrapped.policy, sub_state_dict(state_dict, "policy."), out.staging, merge)
+        ppo.save_pretrained_from_state(unwrapped.policy, ppo.sub_state_dict(state_dict, "policy."), out.staging,
+                                       merge)
         tokenizer.padding_side = "right"  # what the next stages (SFT/RM-style training) expect by default
         tokenizer.save_pretrained(out.staging)
         if value_model is not None and args.save_value_model:
-            value_dir = out.staging / VALUE_MODEL_DIR
-            value_state = sub_state_dict(state_dict, "value_model.")
-            save_pretrained_from_state(unwrapped.value_model, value_state, value_dir, merge)
+            value_dir = out.staging / ppo.VALUE_MODEL_DIR
+            value_state = ppo.sub_state_dict(state_dict, "value_model.")
+            ppo.save_pretrained_from_state(unwrapped.value_model, value_state, value_dir, merge)
             value_tokenizer.save_pretrained(value_dir)
         shutil.rmtree(out.checkpoints, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -466,10 +354,12 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         "reward": reward.describe(),
         "reward_normalization": norm_mode,
         "value_model": {
-            "init": value_source, "dir": VALUE_MODEL_DIR if value_source and args.save_value_model else None
+            "init": value_source, "dir": ppo.VALUE_MODEL_DIR if value_source and args.save_value_model else None
         },
         "dataset": {"paths": script_args.dataset_path, "fingerprint": _fingerprint(kept_rows)},
         "stop_token_ids": stop_ids,
+        "suppressed_token_ids": suppressed,
+        "ignored_generation_config": ignored_generation_config,
         "kl_controller": kl_controller.state_dict(),
     }
     final = out.finalize(run_info, metrics, to_dict(script_args, model_args, args))

@@ -1,6 +1,13 @@
-"""The PPO stage's machinery (ppo_train.py is the thin stage script): reward sources, the policy+value module,
-rollouts, scoring, the PPO update and checkpoint bookkeeping. The math itself lives in `rlhfkit.rl` as pure
-functions; this module wires it to models, tokenizers, accelerate and DeepSpeed.
+"""The PPO stage's machinery (ppo_train.py is the thin stage script): its config (`PPOConfig`), reward sources,
+the policy+value module, rollouts, scoring, advantages, the PPO update and checkpoint bookkeeping. The math itself
+lives in `rlhfkit.rl` as pure functions; this module wires it to models, tokenizers, accelerate and DeepSpeed, and
+the stage's loop talks to this module only.
+
+On-policy by construction: rollouts sample softmax(logits / temperature) with our own decoding loop
+(`rlhfkit.sampling.decode`), ignoring the checkpoint's `generation_config.json` processors (logged when there are
+any); `--suppress_tokens` is the one processor RL can ask for, and it is applied both in the sampler and in
+`PolicyAndValue.forward` / `reference_logprobs`. Updates run dropout-free (`dropout_free`), so at the first
+minibatch of the first epoch the ratio is exactly 1 (logged as `policy/first_ratio`, `policy/first_approx_kl`).
 
 Written by hand because no maintained library provides PPO with a critic any more (TRL removed `PPOTrainer`).
 """
@@ -11,26 +18,134 @@ import contextlib
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from transformers import TrainingArguments
 
 from . import rl
 from .checkpoints import StageOutput, check_parent, merge_lora_state_dict, write_json_atomic
 from .errors import UserError
+from .rl import AdvantageEstimator, RunningMoments  # noqa: F401  (the loop reaches them as ppo.*)
 
 if TYPE_CHECKING:  # for annotations only
-    from ppo_train import PPOConfig
-
     from .args import ModelArguments
 
 logger = logging.getLogger("rlhfkit.ppo")
 
 VALUE_MODEL_DIR = "value_model"
 TRAINER_STATE = "trainer_state.json"
+
+# ---------------------------------------------------------------------------------------------------------------
+# the config
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class PPOConfig(TrainingArguments):
+    """Training flags: HF TrainingArguments (optimizer, schedule, precision, logging, saving) plus PPO's own.
+
+    Read by this loop: learning_rate, weight_decay, adam_*, max_grad_norm, lr_scheduler_type, warmup_steps,
+    max_steps (PPO steps; else num_train_epochs passes over the prompts), per_device_train_batch_size (micro batch
+    of the update), gradient_accumulation_steps, gradient_checkpointing, bf16/fp16, seed, logging_steps,
+    save_strategy/save_steps/save_total_limit, report_to, output_dir, resume_from_checkpoint, disable_tqdm.
+    Evaluation and hub fields are not used.
+    """
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "Learning rate of the policy."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N PPO steps."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N PPO steps."})
+    per_device_train_batch_size: int = field(
+        default=4, metadata={"help": "Sequences per forward/backward in the update."}
+    )
+
+    rollout_batch_size: int = field(default=8, metadata={"help": "Prompts per process per PPO step."})
+    num_samples_per_prompt: int = field(default=1, metadata={"help": "K responses per prompt (≥ 2 for rloo/grpo)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Response length limit."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs use the same)."})
+    top_p: float = field(
+        default=1.0,
+        metadata={"help": "Must stay 1: PPO samples the full softmax(logits / temperature) its log-probs model."},
+    )
+    suppress_tokens: list[str] | None = field(
+        default=None,
+        metadata={"help": "Tokens (strings or ids) the policy may never emit: removed from the sampling distribution "
+                  "and from the policy's and reference's log-probs alike, so the rollouts stay on-policy. The "
+                  "checkpoint's generation_config.json processors are never applied during RL."},
+    )
+    generation_batch_size: int | None = field(
+        default=None, metadata={"help": "Prompts per generate call (default: the whole rollout batch)."}
+    )
+    use_vllm: bool = field(default=False, metadata={"help": "Not implemented in this loop; refused."})
+
+    advantage_estimator: str = field(default="gae", metadata={"help": "gae | rloo | grpo | reinforce_pp."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount (GAE, REINFORCE++)."})
+    lam: float = field(default=0.95, metadata={"help": "GAE λ."})
+    whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages over the rollout batch."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Rescale per-token rewards (GAE) by their std."})
+    grpo_scale_by_std: bool = field(default=True, metadata={"help": "GRPO: divide by the group std (false: Dr. GRPO)."})
+
+    kl_estimator: str = field(default="k1", metadata={"help": "k1 | k3 (k2 also accepted): per-token KL estimate."})
+    kl_coef: float = field(
+        default=0.05, metadata={"help": "β of the KL penalty in the reward (initial β if adaptive)."}
+    )
+    kl_target: float | None = field(
+        default=None, metadata={"help": "Adaptive KL: target per-sequence KL (Ziegler et al.); unset = fixed β."}
+    )
+    kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon, in sequences."})
+    kl_loss_coef: float = field(default=0.0, metadata={"help": "KL (k3) to the reference as a loss term (GRPO style)."})
+
+    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip ε."})
+    cliprange_value: float | None = field(default=0.2, metadata={"help": "Value clip; unset = unclipped MSE."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    value_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the value model (default: --learning_rate)."}
+    )
+    entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus weight."})
+
+    reward_normalization: str = field(
+        default="auto",
+        metadata={"help": "auto (the RM's reward_stats if present, else none) | rm_stats | running | none."},
+    )
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the (normalised) score of responses without a stop token."}
+    )
+    reward_clip: float | None = field(default=None, metadata={"help": "Clip normalised scores to ±this."})
+    save_value_model: bool = field(default=True, metadata={"help": "Save the value model in OUT/value_model/."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.use_vllm:
+            raise ValueError("--use_vllm is not supported by ppo_train.py yet; drop it (HF generate is used)")
+        if self.advantage_estimator not in rl.ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"--advantage_estimator must be one of {', '.join(rl.ADVANTAGE_ESTIMATORS)}")
+        estimator = AdvantageEstimator.parse(self.advantage_estimator)
+        if self.kl_estimator not in rl.KL_ESTIMATORS:
+            raise ValueError(f"--kl_estimator must be one of {', '.join(rl.KL_ESTIMATORS)}")
+        if self.num_samples_per_prompt < estimator.min_samples_per_prompt:
+            raise ValueError(f"--advantage_estimator {estimator} needs --num_samples_per_prompt ≥ "
+                             f"{estimator.min_samples_per_prompt}")
+        if self.top_p != 1.0:
+            raise ValueError("--top_p must be 1 in PPO: nucleus samples come from a truncated distribution that the "
+                             "ratio and the KL do not model; lower --temperature instead")
+        if self.reward_normalization not in ("auto", "rm_stats", "running", "none"):
+            raise ValueError("--reward_normalization must be auto, rm_stats, running or none")
+        rollout = self.rollout_batch_size * self.num_samples_per_prompt
+        minibatch = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if rollout % minibatch:
+            raise ValueError(
+                f"rollout of {rollout} sequences (rollout_batch_size × num_samples_per_prompt) does not split into "
+                f"minibatches of {minibatch} (per_device_train_batch_size × gradient_accumulation_steps)"
+            )
+        if self.temperature <= 0:
+            raise ValueError("--temperature must be > 0 (PPO needs a stochastic policy)")
+
+    @property
+    def estimator(self) -> AdvantageEstimator:
+        return AdvantageEstimator.parse(self.advantage_estimator)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # rewards: one interface for reward models and Python functions
@@ -147,10 +262,11 @@ def token_values(value_model, input_ids, attention_mask, position_ids) -> torch.
 class PolicyAndValue(nn.Module):
     """Policy and value model as one module, so one optimizer and one DeepSpeed engine train both."""
 
-    def __init__(self, policy, value_model=None):
+    def __init__(self, policy, value_model=None, suppressed_tokens: list[int] | None = None):
         super().__init__()
         self.policy = policy
         self.value_model = value_model
+        self.suppressed_tokens = list(suppressed_tokens or [])  # the sampler removes the same ids
         self.config = policy.config  # accelerate reads hidden_size from here to fill DeepSpeed "auto" buckets
 
     def forward(self, input_ids, attention_mask, position_ids, response_length: int, temperature: float):
@@ -165,7 +281,7 @@ class PolicyAndValue(nn.Module):
             logits_to_keep=response_length + 1,
             use_cache=False,
         )
-        logits = output.logits[:, :-1].float() / temperature
+        logits = suppress_tokens(output.logits[:, :-1].float(), self.suppressed_tokens) / temperature
         values = None
         if self.value_model is not None:
             values = token_values(self.value_model, input_ids, attention_mask, position_ids)
@@ -188,13 +304,65 @@ class PolicyAndValue(nn.Module):
                 model.gradient_checkpointing_disable()
 
 
+def suppress_tokens(logits: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    from rlhfkit.sampling import suppress_tokens as suppress
+
+    return suppress(logits, token_ids)
+
+
+def suppressed_token_ids(tokenizer, specs: list[str] | None) -> list[int]:
+    """`--suppress_tokens` entries (token strings or ids) as ids; an unknown token is a one-line error."""
+    ids = []
+    for spec in specs or []:
+        spec = str(spec)
+        if spec.lstrip("-").isdigit():
+            token_id = int(spec)
+        else:
+            token_id = tokenizer.convert_tokens_to_ids(spec)
+            if token_id is None or (token_id == tokenizer.unk_token_id and spec != tokenizer.unk_token):
+                raise UserError(f"--suppress_tokens: '{spec}' is not one token of the policy's tokenizer")
+        if not 0 <= token_id < len(tokenizer):
+            raise UserError(f"--suppress_tokens: id {token_id} is outside the vocabulary (0..{len(tokenizer) - 1})")
+        ids.append(int(token_id))
+    return sorted(set(ids))
+
+
+def log_ignored_generation_config(policy) -> dict:
+    """Say which of the checkpoint's generation_config.json processors RL does not apply (they would make the
+    rollouts off-policy); returns them for run_info.json."""
+    from rlhfkit.sampling import checkpoint_processor_settings
+
+    ignored = {key: value for key, value in checkpoint_processor_settings(policy).items()}
+    if ignored:
+        logger.warning("rollouts sample softmax(logits / temperature); the checkpoint's generation_config.json "
+                       "processors are not applied during RL: %s (ask for suppressed tokens with --suppress_tokens)",
+                       ", ".join(f"{key}={value}" for key, value in ignored.items()))
+    return {key: value if isinstance(value, (int, float, str, list, bool)) else str(value)
+            for key, value in ignored.items()}
+
+
 def same_vocabulary(tokenizer_a, tokenizer_b) -> bool:
     return tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
 
 
-def build_value_model(script_args, model_args, policy_path: str, tokenizer, reward) -> tuple[nn.Module, object, str]:
-    """The value model, the tokenizer saved beside it, and where it came from ("reward_model" or "policy")."""
-    from rlhfkit.models import load_reward_model, load_tokenizer, model_init_kwargs
+def load_reference(ref_path: str, model_args, policy, vocab_before_pad: int, tokenizer, requested: str):
+    """The frozen reference, with the policy's pad-token resize followed (it scores the same ids, pads included)."""
+    from rlhfkit.models import load_causal_lm, match_vocabulary
+
+    ref_model = load_causal_lm(ref_path, model_args)
+    match_vocabulary(ref_model, policy, vocab_before_pad, requested)
+    ref_model.config.pad_token_id = tokenizer.pad_token_id
+    return ref_model.requires_grad_(False).eval()
+
+
+def build_value_model(script_args, model_args, policy_path: str, tokenizer, reward, policy=None,
+                      vocab_before_pad: int | None = None) -> tuple[nn.Module, object, str]:
+    """The value model, the tokenizer saved beside it, and where it came from ("reward_model" or "policy").
+
+    It reads the policy's token ids, so its embeddings follow the policy's pad-token resize (`policy` and
+    `vocab_before_pad`, the policy's embedding rows before `ensure_pad_token`).
+    """
+    from rlhfkit.models import load_reward_model, load_tokenizer, match_vocabulary, model_init_kwargs
 
     choice = script_args.value_model_init
     if choice in ("auto", "reward_model") and isinstance(reward, ModelReward):
@@ -222,6 +390,9 @@ def build_value_model(script_args, model_args, policy_path: str, tokenizer, rewa
         with torch.no_grad():
             for parameter in value_head(model).parameters():
                 parameter.zero_()
+    if policy is not None:
+        requested = script_args.reward_model_path if choice == "reward_model" else policy_path
+        match_vocabulary(model, policy, vocab_before_pad or policy.get_input_embeddings().num_embeddings, requested)
     model.config.pad_token_id = tokenizer.pad_token_id
     value_head(model)
     return model, value_tokenizer, choice
@@ -251,6 +422,7 @@ class Rollout:
     responses: torch.Tensor  # [B, T]
     mask: torch.Tensor  # [B, T] float, response tokens up to and including the stop token
     has_stop: torch.Tensor  # [B] bool
+    sample_logprobs: torch.Tensor  # [B, T] log-probs of the sampling distribution (0 on padding)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -266,23 +438,27 @@ def rollout(policy, tokenizer, prompt_rows: list[dict], prompt_ids: list[list[in
 
     k = args.num_samples_per_prompt
     chunk = args.generation_batch_size or len(prompt_rows)
+    suppressed = suppressed_token_ids(tokenizer, args.suppress_tokens)
     samples: list[dict] = []
     for start in range(0, len(prompt_rows), chunk):
         rows = prompt_rows[start : start + chunk]
-        generated = generate_batch(
+        generated = generate_batch(  # raw logits / T: never the checkpoint's generation_config processors
             policy, tokenizer, [row["prompt"] for row in rows], n=k, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, seed=None,
-            prompt_seeds=prompt_seeds[start : start + chunk], stop_ids=stop_ids,
+            prompt_seeds=prompt_seeds[start : start + chunk], stop_ids=stop_ids, suppressed_tokens=suppressed,
         )
         samples.extend(sample for per_prompt in generated for sample in per_prompt)
     pad = pad_token_id(tokenizer)
     query = build_prompt_batch([ids for ids in prompt_ids for _ in range(k)], pad)
     width = max(1, max(len(sample["token_ids"]) for sample in samples))
     responses = torch.full((len(samples), width), pad, dtype=torch.long)
+    sample_logprobs = torch.zeros((len(samples), width), dtype=torch.float32)
     lengths = torch.zeros(len(samples), dtype=torch.long)
     for row, sample in enumerate(samples):
         ids = sample["token_ids"]
         responses[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        if "logprobs" in sample:
+            sample_logprobs[row, : len(ids)] = torch.tensor(sample["logprobs"], dtype=torch.float32)
         lengths[row] = len(ids)
     mask, has_stop = rl.response_mask(responses, stop_ids, lengths)
     attention_mask = torch.cat([query["attention_mask"], mask.long()], dim=1)
@@ -296,6 +472,7 @@ def rollout(policy, tokenizer, prompt_rows: list[dict], prompt_ids: list[list[in
         responses=responses.to(device),
         mask=mask.to(device),
         has_stop=has_stop.to(device),
+        sample_logprobs=sample_logprobs.to(device),
     )
 
 
@@ -317,8 +494,12 @@ def forward_rollout(model, batch: Rollout, micro_batch: int, temperature: float)
 
 
 @torch.no_grad()
-def reference_logprobs(ref_model, policy_unwrapped, batch: Rollout, micro_batch: int, temperature: float):
-    """Log-probs under the frozen reference; with LoRA and no separate reference, the policy with adapters off."""
+def reference_logprobs(ref_model, policy_unwrapped, batch: Rollout, micro_batch: int, temperature: float,
+                       suppressed: list[int] | None = None):
+    """Log-probs under the frozen reference; with LoRA and no separate reference, the policy with adapters off.
+
+    `suppressed`: the tokens the policy may not emit are removed from the reference too, so the KL compares the
+    two distributions over the same support."""
     width = batch.responses.shape[1]
     context = contextlib.nullcontext()
     model = ref_model
@@ -332,7 +513,8 @@ def reference_logprobs(ref_model, policy_unwrapped, batch: Rollout, micro_batch:
             logits = model(
                 input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows],
                 position_ids=batch.position_ids[rows], logits_to_keep=width + 1, use_cache=False,
-            ).logits[:, :-1].float() / temperature
+            ).logits[:, :-1].float()
+            logits = suppress_tokens(logits, suppressed or []) / temperature
             out.append(rl.logprobs_from_logits(logits, batch.responses[rows]))
     return torch.cat(out)
 
@@ -341,27 +523,24 @@ def reference_logprobs(ref_model, policy_unwrapped, batch: Rollout, micro_batch:
 # advantages
 # ---------------------------------------------------------------------------------------------------------------
 def compute_advantages(args: PPOConfig, scores, kl, mask, values, kl_coef: float):
-    """Advantages [B, T] and value targets [B, T] (None without a critic) for the chosen estimator."""
-    returns = None
-    if args.advantage_estimator == "gae":
-        rewards, _ = rl.token_rewards(scores, kl, mask, kl_coef)
-        if args.whiten_rewards:
-            rewards = rl.masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = rl.gae_advantages(rewards, values, mask, args.gamma, args.lam)
-    elif args.advantage_estimator == "reinforce_pp":
-        rewards, _ = rl.token_rewards(scores, kl, mask, kl_coef)
-        advantages = rl.reinforce_pp_advantages(rewards, mask, args.gamma)
-    else:
-        sequence = rl.sequence_rewards(scores, kl, mask, kl_coef)
-        k = args.num_samples_per_prompt
-        if args.advantage_estimator == "rloo":
-            per_sequence = rl.rloo_advantages(sequence, k)
-        else:
-            per_sequence = rl.grpo_advantages(sequence, k, scale=args.grpo_scale_by_std)
-        advantages = rl.broadcast_to_tokens(per_sequence, mask)
-    if args.whiten_advantages and args.advantage_estimator != "reinforce_pp":  # REINFORCE++ is whitened already
-        advantages = rl.masked_whiten(advantages, mask)
-    return advantages, returns
+    """Advantages [B, T] and value targets [B, T] (None without a critic) for the configured estimator."""
+    return rl.compute_advantages(
+        args.advantage_estimator, scores, kl, mask, values, kl_coef, gamma=args.gamma, lam=args.lam,
+        group_size=args.num_samples_per_prompt, whiten_rewards=args.whiten_rewards,
+        whiten_advantages=args.whiten_advantages, grpo_scale_by_std=args.grpo_scale_by_std,
+    )
+
+
+def kl_controller(args: PPOConfig):
+    """The KL coefficient β: adaptive (Ziegler et al.) with --kl_target, else fixed."""
+    if args.kl_target is not None:
+        return rl.AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
+    return rl.FixedKLController(args.kl_coef)
+
+
+def token_kl(args: PPOConfig, logprobs, ref_logprobs, mask):
+    """Per-token KL to the reference with --kl_estimator, 0 outside the response ([B, T])."""
+    return rl.kl_per_token(logprobs, ref_logprobs, args.kl_estimator) * mask
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -396,6 +575,8 @@ def rollout_metrics(batch: Rollout, raw, scores, logprobs, ref_logprobs, kl, kl_
         "kl/k3": rl.masked_sum(rl.kl_per_token(logprobs, ref_logprobs, "k3"), mask, dim=1).mean(),
         "response/length": mask.sum(dim=1).mean(),
         "response/eos_fraction": batch.has_stop.float().mean(),
+        # how far the sampler's distribution is from the one PPO optimises (0 up to float rounding: on-policy)
+        "rollout/sampler_logprob_gap": ((batch.sample_logprobs - logprobs).abs() * mask).max(),
     }
     if values is not None:
         metrics["value/explained_variance"] = rl.explained_variance(values, returns, mask)
@@ -408,8 +589,12 @@ def rollout_metrics(batch: Rollout, raw, scores, logprobs, ref_logprobs, kl, kl_
 # ---------------------------------------------------------------------------------------------------------------
 def ppo_update(model, optimizer, scheduler, accelerator, args: PPOConfig, batch: Rollout, old_logprobs,
                ref_logprobs, advantages, old_values, returns) -> dict[str, float]:
-    """`ppo_epochs` passes over the rollout in shuffled minibatches; returns the means of the loss metrics."""
-    model.train()
+    """`ppo_epochs` passes over the rollout in shuffled minibatches; returns the means of the loss metrics.
+
+    Dropout off (`dropout_free`): the rollout's log-probs came from the same deterministic forward, so the first
+    minibatch's ratio is 1 (`policy/first_ratio`, `policy/first_approx_kl` record it: a check of on-policyness).
+    """
+    dropout_free(model)
     total = batch.responses.shape[0]
     micro = args.per_device_train_batch_size
     width = batch.responses.shape[1]
@@ -452,14 +637,37 @@ def ppo_update(model, optimizer, scheduler, accelerator, args: PPOConfig, batch:
                 optimizer.zero_grad()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
+            if count == 0:
+                first = {"policy/first_ratio": float(metrics["policy/ratio"]),
+                         "policy/first_approx_kl": float(metrics["policy/approx_kl"])}
             count += 1
             del logits, values, logprobs, loss
-    return {key: value / max(count, 1) for key, value in sums.items()}
+    return {**{key: value / max(count, 1) for key, value in sums.items()}, **(first if count else {})}
+
+
+def dropout_free(model: nn.Module) -> nn.Module:
+    """Eval mode (no dropout: LoRA's, attention's, hidden), except the flag gradient checkpointing reads.
+
+    transformers checkpoints a decoder layer only when that layer is `training`; setting the flag on those layers
+    alone keeps checkpointing on while every dropout module and attention's `dropout_p` see eval mode.
+    """
+    model.eval()
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            module.training = True
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # bookkeeping: prompt order, checkpoints, saving
 # ---------------------------------------------------------------------------------------------------------------
+def rollout_seeds(seed: int, step: int, positions: list[int]) -> list[int]:
+    """One sampling seed per prompt of a step, from (seed, step, prompt position): a resumed run draws the same."""
+    from rlhfkit.sampling import derive_seed
+
+    return [derive_seed(seed, "ppo", step, position) for position in positions]
+
+
 def prompt_positions(step: int, per_step: int, n_prompts: int, seed: int) -> list[int]:
     """Indices of the prompts of PPO step `step` (all processes): a fresh permutation each pass over the data.
 

@@ -2,7 +2,7 @@
 (GAE, RLOO, GRPO, REINFORCE++), the clipped PPO losses, and the KL-coefficient controllers.
 
 Written here because no maintained library ships it any more as reusable functions (TRL removed PPOTrainer in
-2026; its GRPO/RLOO trainers keep the math inside the trainer). `ppo_train.py` is the only caller; the tests in
+2026; its GRPO/RLOO trainers keep the math inside the trainer). `rlhfkit.ppo` is the only caller; the tests in
 `tests/test_rl.py` check every function against values computed by hand.
 
 Shapes: `B` sequences in the rollout batch, `T` response tokens (padded). A response mask `[B, T]` is 1 on the
@@ -23,6 +23,7 @@ References:
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Sequence
 
@@ -30,7 +31,42 @@ import torch
 import torch.nn.functional as F
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-ADVANTAGE_ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp")
+
+
+class AdvantageEstimator(enum.StrEnum):
+    """The advantage estimators, with the facts the loop needs about each (what to load, how to sample)."""
+
+    GAE = "gae"  # per-token rewards, a learned critic
+    RLOO = "rloo"  # leave-one-out baseline over the K samples of a prompt
+    GRPO = "grpo"  # group mean (and std) over the K samples of a prompt
+    REINFORCE_PP = "reinforce_pp"  # discounted returns whitened over the batch
+
+    @classmethod
+    def parse(cls, name: str | AdvantageEstimator) -> AdvantageEstimator:
+        try:
+            return cls(name)
+        except ValueError:
+            raise ValueError(
+                f"unknown advantage estimator '{name}' (choose from {', '.join(ADVANTAGE_ESTIMATORS)})"
+            ) from None
+
+    @property
+    def needs_critic(self) -> bool:
+        """Whether a value model is loaded and trained."""
+        return self is AdvantageEstimator.GAE
+
+    @property
+    def min_samples_per_prompt(self) -> int:
+        """The group-based baselines need at least 2 samples of each prompt."""
+        return 2 if self in (AdvantageEstimator.RLOO, AdvantageEstimator.GRPO) else 1
+
+    @property
+    def whitens_itself(self) -> bool:
+        """REINFORCE++ normalises over the batch as part of the estimator; whitening again would be a no-op."""
+        return self is AdvantageEstimator.REINFORCE_PP
+
+
+ADVANTAGE_ESTIMATORS = tuple(estimator.value for estimator in AdvantageEstimator)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,6 +293,50 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: fl
 def broadcast_to_tokens(sequence_advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B] → [B, T]: every counted token of a response gets its sequence's advantage."""
     return sequence_advantages.unsqueeze(1).to(mask.dtype) * mask
+
+
+def compute_advantages(
+    estimator: str | AdvantageEstimator,
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor | None,
+    kl_coef: float,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    group_size: int = 1,
+    whiten_rewards: bool = False,
+    whiten_advantages: bool = True,
+    grpo_scale_by_std: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Advantages [B, T] and value targets [B, T] (None without a critic) for one estimator.
+
+    scores [B] (shaped sequence scores), kl [B, T] (per-token KL, already masked), mask [B, T], values [B, T]
+    (the critic's, GAE only). An unknown estimator raises; there is no default branch.
+    """
+    estimator = AdvantageEstimator.parse(estimator)
+    returns = None
+    if estimator is AdvantageEstimator.GAE:
+        if values is None:
+            raise ValueError("GAE needs the value model's values")
+        rewards, _ = token_rewards(scores, kl, mask, kl_coef)
+        if whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae_advantages(rewards, values, mask, gamma, lam)
+    elif estimator is AdvantageEstimator.REINFORCE_PP:
+        rewards, _ = token_rewards(scores, kl, mask, kl_coef)
+        advantages = reinforce_pp_advantages(rewards, mask, gamma)
+    elif estimator is AdvantageEstimator.RLOO:
+        advantages = broadcast_to_tokens(rloo_advantages(sequence_rewards(scores, kl, mask, kl_coef), group_size), mask)
+    elif estimator is AdvantageEstimator.GRPO:
+        per_sequence = grpo_advantages(sequence_rewards(scores, kl, mask, kl_coef), group_size, scale=grpo_scale_by_std)
+        advantages = broadcast_to_tokens(per_sequence, mask)
+    else:  # unreachable while every member has a branch; kept so a new member cannot fall through silently
+        raise ValueError(f"advantage estimator '{estimator}' has no implementation")
+    if whiten_advantages and not estimator.whitens_itself:
+        advantages = masked_whiten(advantages, mask)
+    return advantages, returns
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,14 +1,22 @@
-"""Sampling from a causal LM with Hugging Face `generate`: left-padded prompt batches, stop tokens, per-row seeds.
+"""Sampling from a causal LM: left-padded prompt batches, our own KV-cache decoding loop, stop tokens, per-row seeds.
 
 Used by `generation/generate.py` (the HF backend) and by `ppo_train.py` (rollouts).
 
-What `generate` does not give us and is written here by hand:
+Why a loop of our own rather than `model.generate`:
+- **On-policy by construction.** `generate` fills every field its caller leaves unset from the checkpoint's
+  `generation_config.json`, so a shipped `repetition_penalty`, `no_repeat_ngram_size`, `min_new_tokens`,
+  `suppress_tokens` or `bad_words_ids` silently changes the distribution samples come from, while PPO's
+  log-probs use `logits / T`. Here the logits reach the sampling rule untouched unless the caller asks for the
+  checkpoint's processors (`checkpoint_processors=True`, what plain generation does by default) or for suppressed
+  tokens (the same `suppress_tokens` function then runs where PPO computes log-probs).
 - **Per-row seeds.** `generate(do_sample=True)` draws every row from one global RNG, so a prompt's samples depend
   on which other prompts share its batch (and so on the batch size and on the shard it lands in). Here each
   (prompt, sample) row owns a `torch.Generator` seeded from `(seed, prompt, sample index)`; its uniforms are
-  drawn up front and a logits processor samples by inverse CDF, then `generate` runs greedily on the one token
-  left. A prompt's samples are then the same whatever batch or shard it is in (up to float rounding of logits
-  between padded batch shapes, which moves a draw only when it falls within ~1e-6 of a CDF boundary).
+  drawn up front and each token is drawn by inverse CDF. A prompt's samples are then the same whatever batch or
+  shard it is in (up to float rounding of logits between batch shapes, which moves a draw only when it falls
+  within ~1e-6 of a CDF boundary).
+- **Less work on a CPU.** Each prompt is prefilled once for its K samples; a row leaves the batch and the KV
+  cache at its stop token instead of being computed until the longest row ends (benchmarks/bench_generate.py).
 - **Stop tokens.** Chat models end a turn with a template token (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`)
   that is often not the tokenizer's `eos_token`; `stop_token_ids` collects both.
 - **Truncation.** The response ids stop right after the first stop token (kept, so PPO can score it); what
@@ -197,32 +205,6 @@ def sample_inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.T
     return index.clamp_(max=weights.shape[-1] - 1)
 
 
-class SeededSampler:
-    """A `generate` logits processor that samples each row with its own pre-drawn uniforms.
-
-    It returns scores that are −inf everywhere except the sampled token, so `generate(do_sample=False)` picks it.
-    uniforms: `[batch, max_new_tokens]`; step t of generation uses column t.
-    """
-
-    def __init__(self, uniforms: torch.Tensor, prompt_width: int, temperature: float, top_p: float):
-        self.uniforms = uniforms
-        self.prompt_width = prompt_width
-        self.temperature = temperature
-        self.top_p = top_p
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        step = input_ids.shape[1] - self.prompt_width
-        if self.temperature <= 0:
-            choice = scores.argmax(dim=-1)
-        else:
-            probs = torch.softmax(scores.float() / self.temperature, dim=-1)
-            probs = filter_top_p(probs, self.top_p)
-            choice = sample_inverse_cdf(probs, self.uniforms[:, step].to(probs.device))
-        forced = torch.full_like(scores, float("-inf"))
-        forced.scatter_(-1, choice.unsqueeze(-1), 0.0)
-        return forced
-
-
 def truncate_at_stop(token_ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[list[int], bool]:
     """Ids up to and including the first stop token, and whether one was found."""
     stops = set(stop_ids)
@@ -230,6 +212,197 @@ def truncate_at_stop(token_ids: Sequence[int], stop_ids: Sequence[int]) -> tuple
         if token in stops:
             return list(token_ids[: position + 1]), True
     return list(token_ids), False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# logits processors: none by default (on-policy), the checkpoint's when asked (plain generation)
+# ---------------------------------------------------------------------------------------------------------------
+# generation_config.json fields that change the distribution `generate` samples from before any sampling knob
+# (transformers fills every field a caller leaves unset from the checkpoint's file). Decoder-only fields only:
+# the encoder_* ones need encoder inputs, which a causal LM never has. Sampling knobs (temperature, top_p, top_k,
+# do_sample) are not here: they always come from our own flags.
+SUPPORTED_PROCESSOR_FIELDS = ("repetition_penalty", "no_repeat_ngram_size", "min_length", "min_new_tokens",
+                              "suppress_tokens", "begin_suppress_tokens", "bad_words_ids", "sequence_bias")
+UNSUPPORTED_PROCESSOR_FIELDS = ("forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
+                                "guidance_scale", "remove_invalid_values", "watermarking_config")
+
+
+def _is_neutral(field: str, value) -> bool:
+    if value is None:
+        return True
+    if field in ("repetition_penalty", "guidance_scale"):
+        return float(value) == 1.0
+    if field in ("no_repeat_ngram_size", "min_length", "min_new_tokens", "remove_invalid_values"):
+        return not value
+    if field in ("suppress_tokens", "begin_suppress_tokens", "bad_words_ids", "sequence_bias"):
+        return len(value) == 0
+    return False
+
+
+def checkpoint_processor_settings(model) -> dict:
+    """The non-neutral logits-processor fields of the model's `generation_config` (`{}` when it has none).
+
+    These are what `model.generate` would apply silently; `generate_batch` applies them only when asked
+    (`checkpoint_processors=True`). Unsupported fields are included too (see `SUPPORTED_PROCESSOR_FIELDS`).
+    """
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    fields = SUPPORTED_PROCESSOR_FIELDS + UNSUPPORTED_PROCESSOR_FIELDS
+    return {field: getattr(config, field, None) for field in fields if not _is_neutral(field, getattr(config, field, None))}
+
+
+def suppress_tokens(logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+    """Logits with `token_ids` made impossible ([..., V] → [..., V]); the one processor PPO can ask for by flag.
+
+    The most negative finite float, not −inf: probabilities become exactly 0 while entropy (Σ p·logit) and
+    log-softmax stay finite. The same function runs in the sampler and where PPO computes log-probs.
+    """
+    if not token_ids:
+        return logits
+    index = torch.as_tensor(list(token_ids), device=logits.device, dtype=torch.long)
+    return logits.index_fill(-1, index, torch.finfo(logits.dtype).min)
+
+
+class CheckpointProcessors:
+    """The checkpoint's logits processors (transformers' own classes), for the rows still being generated."""
+
+    def __init__(self, settings: dict, prompt_width: int, pad_lengths: torch.Tensor, stop_ids: Sequence[int]):
+        unsupported = sorted(set(settings) - set(SUPPORTED_PROCESSOR_FIELDS))
+        if unsupported:
+            raise UserError(
+                f"generation_config.json sets {', '.join(unsupported)}, which this sampler does not apply; "
+                f"sample without the checkpoint's processors (--checkpoint_processors false) or remove them"
+            )
+        self.settings, self.prompt_width, self.pad_lengths = settings, prompt_width, pad_lengths
+        self.stop_ids = torch.tensor(list(stop_ids), dtype=torch.long)
+
+    def __call__(self, sequences: torch.Tensor, scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        from transformers.generation import logits_process as lp
+
+        s, device = self.settings, scores.device
+        processors = []
+        if "repetition_penalty" in s:  # left padding is not part of the prompt (as in `generate`)
+            processors.append(lp.RepetitionPenaltyLogitsProcessor(s["repetition_penalty"],
+                                                                   prompt_ignore_length=self.pad_lengths[rows]))
+        if "no_repeat_ngram_size" in s:
+            processors.append(lp.NoRepeatNGramLogitsProcessor(s["no_repeat_ngram_size"]))
+        if "bad_words_ids" in s:
+            processors.append(lp.NoBadWordsLogitsProcessor(s["bad_words_ids"], self.stop_ids))
+        if "sequence_bias" in s:
+            processors.append(lp.SequenceBiasLogitsProcessor(s["sequence_bias"]))
+        if "min_length" in s:
+            processors.append(lp.MinLengthLogitsProcessor(s["min_length"], self.stop_ids, device=device))
+        if "min_new_tokens" in s:
+            processors.append(lp.MinNewTokensLengthLogitsProcessor(self.prompt_width, s["min_new_tokens"],
+                                                                   self.stop_ids, device=device))
+        if "suppress_tokens" in s:
+            processors.append(lp.SuppressTokensLogitsProcessor(s["suppress_tokens"], device=device))
+        if "begin_suppress_tokens" in s:
+            processors.append(lp.SuppressTokensAtBeginLogitsProcessor(s["begin_suppress_tokens"], self.prompt_width,
+                                                                      device=device))
+        for processor in processors:
+            scores = processor(sequences, scores)
+        return scores
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the decoding loop
+# ---------------------------------------------------------------------------------------------------------------
+def _forward(model, input_ids, attention_mask, position_ids, cache):
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                 use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+@torch.no_grad()
+def decode(model, batch: dict[str, torch.Tensor], n: int, max_new_tokens: int, choose, stop_ids: Sequence[int],
+           pad_id: int, processors=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Autoregressive decoding with a KV cache; returns (tokens [B·n, T], lengths [B·n], logprobs [B·n, T]).
+
+    batch: left-padded prompts `[B, P]` (`build_prompt_batch`); row r of the output is sample r % n of prompt r // n.
+    choose(scores [A, V] float, rows [A], step) → (tokens [A], logprobs [A]): the sampling rule, on the raw
+    logits unless `processors` (`CheckpointProcessors`) change them first.
+
+    What `model.generate` would do differently, and why not here:
+    - it fills every unset field from the checkpoint's `generation_config.json` (repetition penalty, suppressed
+      tokens, ...), so the samples would come from another distribution than the model's logits; here the logits
+      are only what `choose` sees, so PPO's log-probs are those of the sampling distribution by construction;
+    - it runs the prompt once per sample; here each prompt is prefilled once and its cache repeated n times;
+    - it keeps computing finished rows until the last row stops; here a row leaves the batch (and the cache) at
+      its stop token.
+    Tokens after a row's end are `pad_id`; `lengths` counts generated tokens, the stop token included.
+    """
+    from transformers import DynamicCache
+
+    device = batch["input_ids"].device
+    prompts, width = batch["input_ids"].shape
+    total = prompts * n
+    attention_mask = batch["attention_mask"]
+    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    logits = _forward(model, batch["input_ids"], attention_mask, position_ids, cache)
+    if n > 1:
+        logits = logits.repeat_interleave(n, dim=0)
+        cache.batch_repeat_interleave(n)
+        attention_mask = attention_mask.repeat_interleave(n, dim=0)
+        position_ids = position_ids.repeat_interleave(n, dim=0)
+    next_position = position_ids[:, -1:] + 1
+    tokens = torch.full((total, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((total, max_new_tokens), dtype=torch.float32, device=device)
+    lengths = torch.zeros(total, dtype=torch.long, device=device)
+    sequences = None
+    if processors is not None:  # processors read the whole sequence so far (prompt + generated)
+        sequences = torch.cat([batch["input_ids"].repeat_interleave(n, dim=0), tokens], dim=1)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    rows = torch.arange(total, device=device)  # the output rows still being generated, in cache order
+    for step in range(max_new_tokens):
+        scores = logits.float()
+        if processors is not None:
+            scores = processors(sequences[rows, : width + step], scores, rows)
+        choice, choice_logprobs = choose(scores, rows, step)
+        tokens[rows, step] = choice
+        logprobs[rows, step] = choice_logprobs
+        lengths[rows] += 1
+        if sequences is not None:
+            sequences[rows, width + step] = choice
+        if step == max_new_tokens - 1:
+            break
+        running = ~torch.isin(choice, stops)
+        if not running.all():
+            if not running.any():
+                break
+            keep = running.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, choice = rows[keep], choice[keep]
+            attention_mask, next_position = attention_mask[keep], next_position[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
+        logits = _forward(model, choice.unsqueeze(1), attention_mask, next_position, cache)
+        next_position = next_position + 1
+    return tokens, lengths, logprobs
+
+
+class SeededChoice:
+    """The sampling rule of `decode`: softmax(scores / T), optional nucleus, inverse CDF on pre-drawn uniforms.
+
+    uniforms: `[rows, max_new_tokens]`, one row per output row; step t uses column t. `temperature <= 0` is greedy.
+    The log-prob returned is that of the distribution the token was drawn from (after the nucleus filter,
+    renormalised), i.e. what an importance ratio against this sampler needs.
+    """
+
+    def __init__(self, uniforms: torch.Tensor, temperature: float, top_p: float, suppressed: Sequence[int] = ()):
+        self.uniforms, self.temperature, self.top_p = uniforms, temperature, top_p
+        self.suppressed = list(suppressed)
+
+    def __call__(self, scores: torch.Tensor, rows: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = suppress_tokens(scores, self.suppressed)
+        if self.temperature <= 0:
+            choice = scores.argmax(dim=-1)
+            return choice, torch.log_softmax(scores, dim=-1).gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+        probs = torch.softmax(scores / self.temperature, dim=-1)
+        probs = filter_top_p(probs, self.top_p)
+        choice = sample_inverse_cdf(probs, self.uniforms[rows.cpu(), step].to(probs.device))
+        chosen = probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1) / probs.sum(dim=-1)
+        return choice, chosen.clamp(min=torch.finfo(chosen.dtype).tiny).log()
 
 
 @torch.no_grad()
@@ -244,11 +417,18 @@ def generate_batch(
     seed: int | None,
     prompt_seeds: Sequence[int] | None = None,
     stop_ids: Sequence[int] | None = None,
+    suppressed_tokens: Sequence[int] = (),
+    checkpoint_processors: bool = False,
 ) -> list[list[dict]]:
-    """`n` samples for each prompt (message lists) in one batched `generate` call.
+    """`n` samples for each prompt (message lists), decoded together (`decode`).
 
-    Returns, per prompt, `n` dicts `{"text", "token_ids", "finished"}`: `token_ids` end with the first stop
-    token when `finished`; `text` is decoded without special tokens.
+    Returns, per prompt, `n` dicts `{"text", "token_ids", "finished", "logprobs"}`: `token_ids` end with the first
+    stop token when `finished`; `text` is decoded without special tokens; `logprobs` are the sampling
+    distribution's log-probs of `token_ids`.
+
+    Distribution: softmax(logits / temperature), nucleus-filtered when top_p < 1, `suppressed_tokens` impossible;
+    nothing from the checkpoint's `generation_config.json` unless `checkpoint_processors=True` (then its repetition
+    penalty, n-gram ban, minimum length, suppressed and bad words apply, as `model.generate` would apply them).
 
     Seeds: sample j of prompt p uses `derive_seed(prompt_seeds[p], j)`. Without `prompt_seeds`, a prompt's seed
     is `derive_seed(seed, content of the prompt, its occurrence in this call)`, so a prompt's samples do not
@@ -256,8 +436,6 @@ def generate_batch(
     the same prompts again (PPO over epochs) should vary `seed` per call (e.g. `seed + step`), or the uniforms
     repeat. `temperature <= 0` is greedy decoding.
     """
-    from transformers import GenerationConfig, LogitsProcessorList
-
     if n < 1 or max_new_tokens < 1:
         raise ValueError("n and max_new_tokens must be ≥ 1")
     if not prompts:
@@ -280,9 +458,7 @@ def generate_batch(
     pad_id = pad_token_id(tokenizer)
 
     device = next(model.parameters()).device
-    rows = [render_generation_prompt(tokenizer, messages) for messages in prompts for _ in range(n)]
-    batch = build_prompt_batch(rows, pad_id, device)
-    prompt_width = batch["input_ids"].shape[1]
+    batch = build_prompt_batch([render_generation_prompt(tokenizer, messages) for messages in prompts], pad_id, device)
     uniforms = torch.stack(
         [
             torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(derive_seed(prompt_seed, sample)))
@@ -290,26 +466,22 @@ def generate_batch(
             for sample in range(n)
         ]
     )
-    config = GenerationConfig(
-        do_sample=False,  # sampling happens in SeededSampler; greedy then takes its single allowed token
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stop_ids,
-        pad_token_id=pad_id,
-        use_cache=True,
-    )
-    sequences = model.generate(
-        **batch,
-        generation_config=config,
-        logits_processor=LogitsProcessorList([SeededSampler(uniforms, prompt_width, temperature, top_p)]),
-    )
-    new_tokens = sequences[:, prompt_width:].tolist()
+    processors = None
+    if checkpoint_processors:
+        settings = checkpoint_processor_settings(model)
+        if settings:
+            pad_lengths = (batch["attention_mask"] == 0).sum(dim=1).repeat_interleave(n)
+            processors = CheckpointProcessors(settings, batch["input_ids"].shape[1], pad_lengths, stop_ids)
+    choose = SeededChoice(uniforms, temperature, top_p, suppressed_tokens)
+    tokens, lengths, logprobs = decode(model, batch, n, max_new_tokens, choose, stop_ids, pad_id, processors)
+    tokens, lengths, logprobs = tokens.tolist(), lengths.tolist(), logprobs.tolist()
     results: list[list[dict]] = []
     for prompt_index in range(len(prompts)):
         samples = []
         for sample in range(n):
-            ids, finished = truncate_at_stop(new_tokens[prompt_index * n + sample], stop_ids)
-            samples.append(
-                {"text": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids, "finished": finished}
-            )
+            row = prompt_index * n + sample
+            ids, finished = truncate_at_stop(tokens[row][: lengths[row]], stop_ids)
+            samples.append({"text": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids,
+                            "finished": finished, "logprobs": logprobs[row][: len(ids)]})
         results.append(samples)
     return results

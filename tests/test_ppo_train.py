@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ppo_train
+from rlhfkit import ppo
 from rlhfkit.args import ModelArguments
 from rlhfkit.builtin_models import materialize, train_tiny_tokenizer
 from rlhfkit.checkpoints import StageOutput
@@ -199,7 +200,7 @@ def test_rollout_layout_and_reward_position(monkeypatch):
     rows = [{"id": str(i), "prompt": [{"role": "user", "content": text}]} for i, text in enumerate("xy")]
     args = ppo_train.PPOConfig(output_dir="unused", rollout_batch_size=2, per_device_train_batch_size=2,
                                max_new_tokens=4)
-    batch = ppo_train.rollout(None, tokenizer, rows, [[1, 2, 3], [4, 5]], [0, 1], args, [eos], "cpu")
+    batch = ppo.rollout(None, tokenizer, rows, [[1, 2, 3], [4, 5]], [0, 1], args, [eos], "cpu")
     assert batch.input_ids.tolist() == [[1, 2, 3, 10, 11, eos, pad], [pad, 4, 5, 12, 13, 14, 15]]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1, 1]]
     assert batch.position_ids[1, 1:].tolist() == [0, 1, 2, 3, 4, 5]  # positions skip the left padding
@@ -211,7 +212,7 @@ def test_rollout_layout_and_reward_position(monkeypatch):
                                whiten_advantages=False, gamma=1.0, lam=1.0)
     values = torch.zeros(2, 4)
     scores, kl = torch.tensor([2.0, 3.0]), torch.zeros(2, 4)
-    _, returns = ppo_train.compute_advantages(args, scores, kl, batch.mask, values, kl_coef=0.1)
+    _, returns = ppo.compute_advantages(args, scores, kl, batch.mask, values, kl_coef=0.1)
     # γ = λ = 1 and V = 0: every token's return is the score; nothing after the EOS (a reward one token late
     # would be masked away and give 0 here)
     assert returns.tolist() == [[2.0, 2.0, 2.0, 0.0], [3.0, 3.0, 3.0, 3.0]]
@@ -245,7 +246,7 @@ def test_value_model_starts_from_the_reward_model(workdir, prompts_file, same_to
 def test_reward_model_with_another_tokenizer_scores_the_rerendered_conversation(workdir, other_tokenizer_rm):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    reward = ppo_train.ModelReward(other_tokenizer_rm, ModelArguments(model_name_or_path="unused"))
+    reward = ppo.ModelReward(other_tokenizer_rm, ModelArguments(model_name_or_path="unused"))
     prompts = [[{"role": "user", "content": "describe a cat"}], [{"role": "user", "content": "write a poem"}]]
     responses = ["a warm happy cat", "the sea is dark"]
     scores = reward(prompts, responses)
@@ -308,7 +309,7 @@ def test_resume_after_a_crash_continues_from_the_saved_step(workdir, prompts_fil
     flags = dict(max_steps=4, save_steps=2, save_strategy="steps", kl_target=1.0, kl_horizon=50)
     reference = run(workdir / "uninterrupted", "--dataset_path", prompts_file, reward_fn=REWARD_FN, **flags)
 
-    real_update, calls = ppo_train.ppo_update, []
+    real_update, calls = ppo.ppo_update, []
 
     def crash_on_third_step(*args, **kwargs):
         calls.append(1)
@@ -316,7 +317,7 @@ def test_resume_after_a_crash_continues_from_the_saved_step(workdir, prompts_fil
             raise KeyboardInterrupt("killed")
         return real_update(*args, **kwargs)
 
-    monkeypatch.setattr(ppo_train, "ppo_update", crash_on_third_step)
+    monkeypatch.setattr(ppo, "ppo_update", crash_on_third_step)
     out = workdir / "resumed"
     with pytest.raises(KeyboardInterrupt):
         run(out, "--dataset_path", prompts_file, reward_fn=REWARD_FN, **flags)
@@ -326,7 +327,7 @@ def test_resume_after_a_crash_continues_from_the_saved_step(workdir, prompts_fil
     with pytest.raises(UserError, match="resume_from_checkpoint"):  # a plain rerun must not silently start over
         run(out, "--dataset_path", prompts_file, reward_fn=REWARD_FN, **flags)
 
-    monkeypatch.setattr(ppo_train, "ppo_update", real_update)
+    monkeypatch.setattr(ppo, "ppo_update", real_update)
     run(out, "--dataset_path", prompts_file, reward_fn=REWARD_FN, resume_from_checkpoint="true", **flags)
     resumed_rows, reference_rows = history(out), history(reference)
     assert [row["step"] for row in resumed_rows] == [1, 2, 3, 4]
@@ -427,8 +428,8 @@ def test_bad_reward_functions(workdir, prompts_file):
 
 
 def test_prompt_order_is_a_function_of_the_step():
-    first_pass = [i for step in range(3) for i in ppo_train.prompt_positions(step, 4, 12, seed=7)]
+    first_pass = [i for step in range(3) for i in ppo.prompt_positions(step, 4, 12, seed=7)]
     assert sorted(first_pass) == list(range(12))  # one pass visits every prompt once
-    assert ppo_train.prompt_positions(5, 4, 12, seed=7) == ppo_train.prompt_positions(5, 4, 12, seed=7)
-    assert ppo_train.prompt_positions(3, 4, 12, seed=7) != ppo_train.prompt_positions(0, 4, 12, seed=7)
-    assert len(ppo_train.prompt_positions(0, 5, 3, seed=0)) == 5  # fewer prompts than a step needs: wraps
+    assert ppo.prompt_positions(5, 4, 12, seed=7) == ppo.prompt_positions(5, 4, 12, seed=7)
+    assert ppo.prompt_positions(3, 4, 12, seed=7) != ppo.prompt_positions(0, 4, 12, seed=7)
+    assert len(ppo.prompt_positions(0, 5, 3, seed=0)) == 5  # fewer prompts than a step needs: wraps
