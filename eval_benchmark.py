@@ -107,6 +107,21 @@ def detect_benchmark(records: list[dict]) -> str:
     return "pairs"
 
 
+def unique_items(items: list) -> tuple[list, list[int]]:
+    """(distinct items in first-seen order, index of each item among them). Identical inputs are scored once, so an
+    identical chosen/rejected pair is an exact tie (wrong, as RewardBench counts it) and not a coin flip decided by
+    float noise from the other sequences in its batch."""
+    index: dict[str, int] = {}
+    unique, mapping = [], []
+    for item in items:
+        key = json.dumps(item, sort_keys=True)
+        if key not in index:
+            index[key] = len(unique)
+            unique.append(item)
+        mapping.append(index[key])
+    return unique, mapping
+
+
 def response_lengths(tokenizer, texts: list[str]) -> list[int]:
     """Tokens of each response text under the reward model's tokenizer, without special tokens."""
     if not texts:
@@ -202,8 +217,8 @@ def main(script_args: ScriptArguments) -> dict:
         def dpo_scores(pairs_rows, size, progress=True):
             tokenized = [dpo_tokenize_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], plan.max_length)
                          for r in pairs_rows]
-            sequences = ([(t.chosen_ids, t.chosen_start) for t in tokenized]
-                         + [(t.rejected_ids, t.rejected_start) for t in tokenized])
+            sequences, mapping = unique_items([(t.chosen_ids, t.chosen_start) for t in tokenized]
+                                              + [(t.rejected_ids, t.rejected_start) for t in tokenized])
             how = "sum" if reference is not None else script_args.ref_free_type
             values = dpo_sequence_scores(model, sequences, tokenizer.pad_token_id, size, how, progress,
                                          "policy log-probs")
@@ -211,6 +226,7 @@ def main(script_args: ScriptArguments) -> dict:
                 ref_values = dpo_sequence_scores(reference, sequences, tokenizer.pad_token_id, size, "sum", progress,
                                                  "reference log-probs")
                 values = [p - r for p, r in zip(values, ref_values)]
+            values = [values[i] for i in mapping]
             n = len(pairs_rows)
             return list(zip(values[:n], values[n:])), tokenized
 
@@ -230,8 +246,10 @@ def main(script_args: ScriptArguments) -> dict:
     else:
         truncate = plan.truncator(tokenizer)
         full_lengths = [len(ids) for ids in encode_conversations(tokenizer, conversations)]
-        scores = score_conversations(model, tokenizer, conversations, batch_size, plan.max_length, progress=True,
-                                     accelerator=accelerator, truncate=truncate)
+        unique, mapping = unique_items(conversations)
+        unique_scores = score_conversations(model, tokenizer, unique, batch_size, plan.max_length, progress=True,
+                                            accelerator=accelerator, truncate=truncate)
+        scores = [unique_scores[i] for i in mapping]
         limit = plan.max_length
         sequence_truncated = [limit is not None and n > limit for n in full_lengths]
         truncation = {**plan.to_dict(), "truncated_sequences": sum(sequence_truncated),

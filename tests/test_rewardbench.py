@@ -257,3 +257,14 @@ def test_dpo_mode_ref_free_and_with_reference(tmp_path, tiny_llama_dir):
     first = json.loads((tmp_path / "free" / "scores.jsonl").read_text().splitlines()[0])
     assert first["chosen_score"] == pytest.approx(float(picked.mean()), abs=1e-5)
     assert free["diagnostics"]["batch_invariance"]["max_abs_diff"] < 1e-4
+
+
+def test_identical_pair_is_an_exact_tie_with_a_real_model(tmp_path, tiny_rm_dir):
+    # scored once, so batch-padding float noise cannot turn the tie into a win
+    rows = [{"prompt": f"question {i} " * (i % 5 + 1), "chosen": "fine " * (i % 4 + 1), "rejected": "no", "subset": "hep-go",
+             "id": str(i)} for i in range(9)] + [{"prompt": "same", "chosen": "x", "rejected": "x", "subset": "hep-go", "id": "9"}]
+    results = run_eval(["--reward_name_or_path", str(tiny_rm_dir), "--dataset_path", str(write_jsonl(tmp_path / "rb.jsonl", rows)),
+                        "--record_dir", str(tmp_path / "eval"), "--batch_size", "3", "--calibration", "false"])
+    last = json.loads((tmp_path / "eval" / "scores.jsonl").read_text().splitlines()[-1])
+    assert last["chosen_score"] == last["rejected_score"] and last["correct"] is False
+    assert results["ties"] >= 1 and results["identical_pairs"] == 1
