@@ -36,11 +36,9 @@ from statistics import NormalDist
 
 from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.errors import UserError, where
+from rlhfkit.generations import GENERATIONS_FILE
 
 logger = logging.getLogger("eval_winrate")
-
-GENERATIONS_FILE = "generations.jsonl"
-
 
 @dataclass
 class ScriptArguments:
@@ -152,47 +150,28 @@ def format_table(summary: dict, name_a: str, name_b: str, judge: str, extra: dic
 # ---------------------------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------------------------
-def _generation_file(path: str) -> Path:
-    target = Path(path)
-    if target.is_dir():
-        target = target / GENERATIONS_FILE
-        if not target.is_file():
-            raise UserError(f"{path}: no {GENERATIONS_FILE} in this directory (pass the generation output dir or file)")
-    elif not target.exists():
-        raise UserError(f"{path}: not found")
-    return target
-
-
 def read_generations(path: str, response_index: int) -> list[dict]:
-    """Rows `{"row", "id", "prompt", "response"}` of a generation output, validated with file/row/field errors."""
-    from rlhfkit.data import read_records
+    """Rows `{"row", "id", "prompt", "response"}` of a generation output (`rlhfkit.generations.read_generations`:
+    its validation, its id rule), `id` None for a row that has none of its own (then `--match_by auto` matches by
+    prompt), `response` the one judged."""
+    from rlhfkit.generations import read_generations as read_rows
 
-    file = _generation_file(path)
-    rows = []
-    for number, record in enumerate(read_records(str(file)), start=1):
-        prompt = record.get("prompt")
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        well_formed = isinstance(prompt, list) and prompt and all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in prompt)
-        if not well_formed:
-            raise UserError(f"{where(file, number, 'prompt')}: must be a non-empty list of {{role, content}} messages")
-        responses = record.get("responses")
-        if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
-            raise UserError(f"{where(file, number, 'responses')}: must be a list of strings")
-        if response_index >= len(responses):
-            raise UserError(f"{where(file, number, 'responses')}: has {len(responses)} responses, "
+    rows = read_rows(path)
+    without_id = set(rows.rows_without_id)
+    out = []
+    for number, row in enumerate(rows, start=1):
+        if response_index >= len(row["responses"]):
+            raise UserError(f"{where(rows.path, number, 'responses')}: has {len(row['responses'])} responses, "
                             f"--response_index {response_index} is out of range")
-        rid = record.get("id")
-        rows.append({"row": number, "id": None if rid is None else str(rid), "prompt": prompt,
-                     "response": responses[response_index]})
-    if not rows:
-        raise UserError(f"{file}: no rows")
-    return rows
+        out.append({"row": number, "id": None if number in without_id else row["id"], "prompt": row["prompt"],
+                    "response": row["responses"][response_index]})
+    return out
 
 
 def _key(row: dict, by: str) -> str:
-    return row["id"] if by == "id" else json.dumps(row["prompt"], sort_keys=True, ensure_ascii=False)
+    from rlhfkit.prompts import prompt_id
+
+    return row["id"] if by == "id" else prompt_id(row["prompt"])
 
 
 def match_rows(rows_a: list[dict], rows_b: list[dict], by: str, file_a: str, file_b: str) -> tuple[list, dict]:

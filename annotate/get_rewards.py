@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from annotate.build_pairs import REWARDS_FILE, PairArguments, read_rows, resolve_stage_file, write_pairs_and_stats
+from rlhfkit.generations import REWARDS_FILE, PairArguments, resolve_stage_file, write_pairs_and_stats
+from rlhfkit.generations import read_generations as read_rows
 from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.errors import UserError
 

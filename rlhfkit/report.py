@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError, where
+from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -192,31 +192,13 @@ class Generations:
 
 
 def load_generations(name: str, path: str) -> Generations:
-    """Rows `{"id", "prompt": [...], "responses": [str, ...]}` (generation/generate.py; extra fields ignored)."""
-    from .data import read_records
+    """Rows `{"id", "prompt": [...], "responses": [str, ...]}` (generation/generate.py; extra fields ignored), read by
+    `rlhfkit.generations.read_generations` (its validation, its id rule)."""
+    from .generations import read_generations
 
-    rows = read_records(path)
-    if not rows:
-        raise UserError(f"{path}: no generation rows")
-    ids, prompts, responses = [], [], []
-    seen = set()
-    for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise UserError(f"{where(path, number)}: a row must be an object")
-        prompt = row.get("prompt")
-        if not isinstance(prompt, list) or not prompt or not all(isinstance(m, dict) for m in prompt):
-            raise UserError(f"{where(path, number, 'prompt')}: must be a non-empty list of messages")
-        texts = row.get("responses")
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise UserError(f"{where(path, number, 'responses')}: must be a non-empty list of strings")
-        row_id = str(row["id"]) if row.get("id") is not None else json.dumps(prompt, sort_keys=True)
-        if row_id in seen:
-            raise UserError(f"{where(path, number, 'id')}: '{row_id}' appears twice")
-        seen.add(row_id)
-        ids.append(row_id)
-        prompts.append(prompt)
-        responses.append(texts)
-    return Generations(name, path, ids, prompts, responses)
+    rows = read_generations(path)
+    return Generations(name, path, [row["id"] for row in rows], [row["prompt"] for row in rows],
+                       [row["responses"] for row in rows])
 
 
 def _read_json(path: Path) -> Any:
