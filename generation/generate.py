@@ -10,8 +10,15 @@ Output: `OUT/gen/generations.jsonl`, one row per prompt in prompt-set order:
 plus metrics.json (prompts, samples, tokens/s), args.yaml and run_info.json (the stage contract).
 
 Features:
-- Backends: vLLM when installed and a GPU is visible (`--backend auto`), one request per prompt with n=K; batched
-  HF `generate` otherwise (left padding, KV cache, stops at EOS and the chat template's end-of-turn token).
+- Backends: vLLM when installed and a GPU is visible (`--backend auto`), one request per prompt with n=K; else
+  our batched HF decoding loop (`rlhfkit.sampling.decode`: left padding, KV cache, each prompt prefilled once for
+  its K samples, a row dropped from the batch at its stop token: EOS or the chat template's end-of-turn token).
+- The checkpoint's generation_config.json: its logits processors (repetition_penalty, no_repeat_ngram_size,
+  min_new_tokens, suppress_tokens, bad_words_ids, ...) apply, as `model.generate` would apply them, and are
+  recorded in run_info.json; `--checkpoint_processors false` samples softmax(logits / temperature) only, which is
+  what ppo_train.py's rollouts always do. Sampling knobs (temperature, top_p) come from the flags, never from it.
+- Threads: `--num_threads` (default: torch's, i.e. OMP_NUM_THREADS or every core); a stage that runs alone
+  should use every core.
 - Prompts: message lists, prompt strings, instruction/question fields or the prompts of a preference set, from
   local files or a hub name (`rlhfkit.prompts.load_prompts`).
 - Sharding: `--local_index i --world_size n` (one process per GPU, e.g. a shell loop) writes shard i into
@@ -51,7 +58,8 @@ from rlhfkit.errors import UserError
 logger = logging.getLogger("generate")
 
 # meta keys that must match for rows of an earlier, interrupted run to be kept
-_RUN_KEYS = ("model", "backend", "num_samples", "temperature", "top_p", "max_new_tokens", "seed")
+_RUN_KEYS = ("model", "backend", "num_samples", "temperature", "top_p", "max_new_tokens", "seed",
+             "checkpoint_processors")
 
 
 @dataclass
@@ -69,6 +77,12 @@ class ScriptArguments:
     max_new_tokens: int = field(default=256, metadata={"help": "Maximum tokens per response."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 is greedy."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass in (0, 1]."})
+    checkpoint_processors: bool = field(
+        default=True,
+        metadata={"help": "Apply the logits processors of the checkpoint's generation_config.json (repetition "
+                  "penalty, n-gram ban, min_new_tokens, suppressed/bad words), as model.generate does; false samples "
+                  "softmax(logits / temperature) only, like PPO's rollouts."},
+    )
     seed: int = field(default=42, metadata={"help": "Base seed; each prompt's seed is derived from it and the prompt id."})
     backend: str = field(default="auto", metadata={"help": "auto (vLLM if installed and a GPU is visible, else hf) | hf | vllm."})
     batch_size: int | None = field(
@@ -78,7 +92,14 @@ class ScriptArguments:
     world_size: int = field(default=1, metadata={"help": "Number of shards run as separate processes; merge with merge_data.py."})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs per model replica."})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: fraction of GPU memory to use."})
-    dtype: str = field(default="auto", metadata={"help": "float32 | bfloat16 | float16 | auto (the checkpoint's)."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "float32 | bfloat16 | float16 | auto (the checkpoint's). On a CPU with AMX, bfloat16 "
+                  "generates several times faster than float32 (benchmarks/bench_generate.py)."},
+    )
+    num_threads: int | None = field(
+        default=None, metadata={"help": "torch threads for the HF backend (default: OMP_NUM_THREADS, else every core)."}
+    )
     chat_template: str | None = field(default=None, metadata={"help": "Chat template (string or .jinja file) if the tokenizer has none."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the checkpoint."})
 
@@ -101,6 +122,8 @@ class ScriptArguments:
             raise ValueError(f"--local_index must be in [0, --world_size) (got {self.local_index} of {self.world_size})")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("--batch_size must be ≥ 1")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError("--num_threads must be ≥ 1")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ValueError(f"--dtype must be float32, bfloat16, float16 or auto, not '{self.dtype}'")
 
@@ -114,6 +137,7 @@ def run_meta(args: ScriptArguments, backend: str) -> dict:
         "top_p": args.top_p,
         "max_new_tokens": args.max_new_tokens,
         "seed": args.seed,
+        "checkpoint_processors": args.checkpoint_processors,
     }
 
 
@@ -140,7 +164,8 @@ def main(args: ScriptArguments) -> dict | None:
 
     from rlhfkit.models import load_causal_lm, load_tokenizer, resolve_model
     from rlhfkit.prompts import load_prompts
-    from rlhfkit.sampling import derive_seed, generate_batch, render_generation_prompt, stop_token_ids
+    from rlhfkit.sampling import (checkpoint_processor_settings, derive_seed, generate_batch,
+                                  render_generation_prompt, stop_token_ids)
 
     state = partial_state()
     setup_logging(state.is_main_process)
@@ -183,16 +208,29 @@ def main(args: ScriptArguments) -> dict | None:
 
     # ---------------------------------------------------------------- generate
     generator, model = None, None  # loaded only when there is work: rerunning a finished shard just merges
+    processors = {}
     if pending:
+        if args.num_threads is not None:
+            import torch
+
+            torch.set_num_threads(args.num_threads)
         if backend == "vllm":
             generator = vllm_backend.VLLMGenerator(
                 model_path, args.tensor_parallel_size, args.dtype, args.gpu_memory_utilization,
                 seed=args.seed, trust_remote_code=args.trust_remote_code,
             )
+            if args.checkpoint_processors:
+                processors = checkpoint_processor_settings(_generation_config(model_path))
         else:
             model = load_causal_lm(model_path, dtype=_dtype(args.dtype), trust_remote_code=args.trust_remote_code)
             model.to(state.device).eval()
             stop_ids = stop_token_ids(tokenizer, model)
+            if args.checkpoint_processors:
+                processors = checkpoint_processor_settings(model)
+        if processors:
+            logger.info("applying the checkpoint's generation_config.json processors: %s "
+                        "(--checkpoint_processors false samples the raw distribution)",
+                        ", ".join(f"{key}={value}" for key, value in processors.items()))
     new_tokens, started = 0, time.perf_counter()
     try:
         bar = tqdm(total=len(pending), desc=f"generate (shard {shard_index})", unit="prompt", disable=not pending)
@@ -201,11 +239,12 @@ def main(args: ScriptArguments) -> dict | None:
             seeds = [derive_seed(args.seed, prompts[i]["id"]) for i in batch]
             if generator is not None:
                 samples = generator.generate([prompt_ids[i] for i in batch], args.num_samples, args.max_new_tokens,
-                                             args.temperature, args.top_p, seeds, stop_ids)
+                                             args.temperature, args.top_p, seeds, stop_ids, processors)
             else:
                 samples = generate_batch(model, tokenizer, [prompts[i]["prompt"] for i in batch], args.num_samples,
                                          args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                                         prompt_seeds=seeds, stop_ids=stop_ids)
+                                         prompt_seeds=seeds, stop_ids=stop_ids,
+                                         checkpoint_processors=args.checkpoint_processors)
             rows = []
             for i, prompt_seed, outs in zip(batch, seeds, samples):
                 rows.append({
@@ -236,6 +275,8 @@ def main(args: ScriptArguments) -> dict | None:
         "prompt_fingerprint": fingerprint([row["id"] for row in prompts]),
         "generated_tokens": new_tokens,
         "seconds": seconds,
+        "processors": {key: value if isinstance(value, (int, float, str, list, bool)) else str(value)
+                       for key, value in processors.items()},
         "meta": meta,
         "args": to_dict(args),
         "parent": parent_record(
@@ -288,12 +329,23 @@ def finalize(output: StageOutput, world_size: int, expected_ids: list[str] | Non
         "dataset": {"paths": first["args"]["dataset_path"], "fingerprint": first["prompt_fingerprint"],
                     "report": first["prompt_report"]},
         "sampling": first["meta"],
+        "generation_config_processors": first.get("processors", {}),
         "outputs": {"generations": shards.OUTPUT_FILE},
     }
     final = output.finalize(run_info, metrics, first["args"])
     logger.info("wrote %s: %d prompts × %d samples; %s tokens/s", final / shards.OUTPUT_FILE, len(rows),
                 first["meta"]["num_samples"], metrics["tokens_per_second"])
     return metrics
+
+
+def _generation_config(model_path: str):
+    """The checkpoint's generation_config.json (None when it has none)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
 
 
 def _dtype(name: str):

@@ -47,6 +47,19 @@ def usable() -> bool:
     return is_installed() and cuda_available()
 
 
+_VLLM_PARAMS = {"repetition_penalty": "repetition_penalty", "min_new_tokens": "min_tokens"}
+
+
+def vllm_processor_params(settings: dict) -> dict:
+    """generation_config.json processor settings as `SamplingParams` keywords; the ones vLLM has no equivalent for
+    are a one-line error (rather than samples from another distribution than the HF backend's)."""
+    missing = sorted(set(settings) - set(_VLLM_PARAMS))
+    if missing:
+        raise UserError(f"generation_config.json sets {', '.join(missing)}, which the vLLM backend does not apply; "
+                        "pass --checkpoint_processors false or use --backend hf")
+    return {_VLLM_PARAMS[key]: value for key, value in settings.items()}
+
+
 class VLLMGenerator:
     def __init__(
         self,
@@ -86,8 +99,14 @@ class VLLMGenerator:
         top_p: float,
         seeds: Sequence[int],
         stop_ids: Sequence[int],
+        processors: dict | None = None,
     ) -> list[list[dict]]:
-        """`n` samples per prompt as `{"text", "token_ids", "finished"}`, like `rlhfkit.sampling.generate_batch`."""
+        """`n` samples per prompt as `{"text", "token_ids", "finished"}`, like `rlhfkit.sampling.generate_batch`.
+
+        processors: the checkpoint's generation_config.json settings to apply (`checkpoint_processor_settings`),
+        mapped onto vLLM's own parameters; vLLM applies none of them to an explicit `SamplingParams` by itself.
+        """
+        extra = vllm_processor_params(processors or {})
         params = [
             self._vllm.SamplingParams(
                 n=n,
@@ -97,6 +116,7 @@ class VLLMGenerator:
                 seed=int(seed),
                 stop_token_ids=list(stop_ids),
                 skip_special_tokens=True,
+                **extra,
             )
             for seed in seeds
         ]

@@ -240,12 +240,13 @@ def _is_neutral(field: str, value) -> bool:
 
 
 def checkpoint_processor_settings(model) -> dict:
-    """The non-neutral logits-processor fields of the model's `generation_config` (`{}` when it has none).
+    """The non-neutral logits-processor fields of the model's `generation_config` (`{}` when it has none; a
+    `GenerationConfig` may be passed instead of the model).
 
     These are what `model.generate` would apply silently; `generate_batch` applies them only when asked
     (`checkpoint_processors=True`). Unsupported fields are included too (see `SUPPORTED_PROCESSOR_FIELDS`).
     """
-    config = getattr(model, "generation_config", None)
+    config = getattr(model, "generation_config", model)  # a model, or a GenerationConfig itself
     if config is None:
         return {}
     fields = SUPPORTED_PROCESSOR_FIELDS + UNSUPPORTED_PROCESSOR_FIELDS

@@ -299,3 +299,37 @@ def test_accelerate_processes_shard_and_merge_like_one_process(unsharded, prompt
     two = read(out / "generations.jsonl")
     assert [r["id"] for r in two] == [r["id"] for r in rows]
     assert [r["responses"] for r in two] == [r["responses"] for r in rows]
+
+
+def test_checkpoint_generation_config_applies_unless_turned_off(prompt_file, tmp_path, tiny_llama_dir):
+    """Plain generation honours the checkpoint's generation_config.json (as model.generate would), says so in
+    run_info.json, and --checkpoint_processors false samples the raw distribution (what PPO's rollouts use)."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    model_dir = tmp_path / "suppressing"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    config = GenerationConfig.from_pretrained(model_dir)
+    config.suppress_tokens = list(range(100, 356))  # half the vocabulary
+    config.save_pretrained(model_dir)
+
+    def tokens(out):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        texts = [text for row in read(out / "generations.jsonl") for text in row["responses"]]
+        return [t for text in texts for t in tokenizer.encode(text, add_special_tokens=False)]
+
+    applied = tmp_path / "applied"
+    generate.main(args_for(prompt_file, applied, model_name_or_path=str(model_dir), max_new_tokens=12))
+    info = json.loads((applied / "run_info.json").read_text())
+    assert info["generation_config_processors"] == {"suppress_tokens": list(range(100, 356))}
+    assert info["sampling"]["checkpoint_processors"] is True
+    raw = tmp_path / "raw"
+    generate.main(args_for(prompt_file, raw, model_name_or_path=str(model_dir), max_new_tokens=12,
+                           checkpoint_processors=False))
+    assert json.loads((raw / "run_info.json").read_text())["generation_config_processors"] == {}
+    in_range = lambda ids: sum(100 <= t < 356 for t in ids) / len(ids)  # noqa: E731
+    # re-encoding decoded text can merge pieces, so "never" is checked as "rarely" on the applied side
+    assert in_range(tokens(applied)) < 0.2 < 0.35 < in_range(tokens(raw))

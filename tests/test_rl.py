@@ -229,3 +229,22 @@ def test_running_moments_merge_batches():
     copy = rl.RunningMoments()
     copy.load_state_dict(moments.state_dict())
     assert copy.state_dict() == moments.state_dict()
+
+
+def test_advantage_estimators_know_their_needs_and_unknown_names_raise():
+    from rlhfkit.rl import ADVANTAGE_ESTIMATORS, AdvantageEstimator, compute_advantages
+
+    assert ADVANTAGE_ESTIMATORS == ("gae", "rloo", "grpo", "reinforce_pp")
+    assert [e.needs_critic for e in AdvantageEstimator] == [True, False, False, False]
+    assert [e.min_samples_per_prompt for e in AdvantageEstimator] == [1, 2, 2, 1]
+    scores, kl, mask = torch.tensor([1.0, 0.0, 3.0, 1.0]), torch.zeros(4, 3), torch.ones(4, 3)
+    with pytest.raises(ValueError, match="unknown advantage estimator 'grpo2'"):  # no silent GRPO fallback
+        compute_advantages("grpo2", scores, kl, mask, None, 0.1, group_size=2)
+    with pytest.raises(ValueError, match="value model"):
+        compute_advantages("gae", scores, kl, mask, None, 0.1)
+    # the dispatch gives each estimator's own math (unwhitened here so the values are the hand-checkable ones)
+    rloo, returns = compute_advantages("rloo", scores, kl, mask, None, 0.0, group_size=2, whiten_advantages=False)
+    assert returns is None and rloo[:, 0].tolist() == [1.0, -1.0, 2.0, -2.0]
+    grpo, _ = compute_advantages("grpo", scores, kl, mask, None, 0.0, group_size=2, whiten_advantages=False,
+                                 grpo_scale_by_std=False)
+    assert grpo[:, 0].tolist() == [0.5, -0.5, 1.0, -1.0]
