@@ -140,7 +140,7 @@ def main(script_args: ScriptArguments) -> dict:
     from rlhfkit.distributed import new_accelerator
     from rlhfkit.models import (ensure_pad_token, load_causal_lm, load_reward_model, load_tokenizer, match_vocabulary,
                                 resolve_model)
-    from rlhfkit.rewardbench import (DPO_MAX_LENGTH, RM_TRUNCATION_SIDE, TruncationPlan, dpo_sequence_scores,
+    from rlhfkit.rewardbench import (DPO_MAX_PROMPT_LENGTH, RM_TRUNCATION_SIDE, TruncationPlan, dpo_sequence_scores,
                                      dpo_tokenize_pair, format_table, is_correct, is_rewardbench,
                                      load_rewardbench_rows, model_position_limit, rewardbench_summary,
                                      subset_accuracies)
@@ -196,8 +196,7 @@ def main(script_args: ScriptArguments) -> dict:
         ensure_pad_token(tokenizer, model)
     limits = [v for v in (model_position_limit(model), model_position_limit(reference) if reference else None) if v]
     side = getattr(tokenizer, "truncation_side", "right") if benchmark == "v2" else RM_TRUNCATION_SIDE
-    requested = script_args.max_length if not implicit else min(script_args.max_length or DPO_MAX_LENGTH,
-                                                                 DPO_MAX_LENGTH)
+    requested = script_args.max_length  # 2048 by default: RewardBench's RM scripts and DPOInference.max_length
     plan = TruncationPlan(requested=requested, model_limit=min(limits) if limits else None,
                           side="keep_end prompt (DPO)" if implicit else side)
 
@@ -238,7 +237,7 @@ def main(script_args: ScriptArguments) -> dict:
         tokenized_all = [dpo_tokenize_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], plan.max_length)
                          for r in rows]
         truncated_pairs = [t.prompt_truncated or t.response_truncated for t in tokenized_all]
-        truncation = {**plan.to_dict(), "max_prompt_length": 128, "truncated_pairs": sum(truncated_pairs),
+        truncation = {**plan.to_dict(), "max_prompt_length": DPO_MAX_PROMPT_LENGTH, "truncated_pairs": sum(truncated_pairs),
                       "prompt_truncated_pairs": sum(t.prompt_truncated for t in tokenized_all),
                       "response_truncated_pairs": sum(t.response_truncated for t in tokenized_all),
                       "rule": "rewardbench/dpo.py tokenize_row (keep_end, max_prompt_length 128)"}
