@@ -217,6 +217,9 @@ def _display_name(path: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------------------------------
+ARGUMENTS = (ScriptArguments,)  # what main takes, in order (CLI, YAML, tests)
+
+
 def main(script_args: ScriptArguments) -> dict:
     # ---------------------------------------------------------------- setup
     from rlhfkit.distributed import new_accelerator
@@ -314,4 +317,4 @@ def main(script_args: ScriptArguments) -> dict:
 
 
 if __name__ == "__main__":
-    run_stage(main, (ScriptArguments,))
+    run_stage(main, ARGUMENTS)

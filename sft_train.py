@@ -64,6 +64,9 @@ class SFTArguments(TrainingDefaults, SFTConfig):
     )
 
 
+ARGUMENTS = (ScriptArguments, ModelArguments, SFTArguments)  # what main takes, in order (CLI, YAML, tests)
+
+
 def main(script_args: ScriptArguments, model_args: ModelArguments, training_args: SFTArguments) -> dict:
     # ---------------------------------------------------------------- setup
     from trl import SFTTrainer
@@ -233,4 +236,4 @@ def build_trainer(trainer_cls, model, tokenizer, training_args, train_dataset, e
 
 
 if __name__ == "__main__":
-    run_stage(main, (ScriptArguments, ModelArguments, SFTArguments))
+    run_stage(main, ARGUMENTS)

@@ -42,6 +42,9 @@ class ScriptArguments:
             raise ValueError("--dataset_path and --output_dir are required")
 
 
+ARGUMENTS = (ScriptArguments, PairArguments)  # what main takes, in order (CLI, YAML, tests)
+
+
 def read_rows(path: str, need_rewards: bool) -> list[dict]:
     """Generation (or, `need_rewards`, annotated) rows: `rlhfkit.generations.read_generations`, by the name callers
     of this script have imported."""
@@ -68,4 +71,4 @@ def main(args: ScriptArguments, pair_args: PairArguments) -> dict:
 
 
 if __name__ == "__main__":
-    run_stage(main, (ScriptArguments, PairArguments))
+    run_stage(main, ARGUMENTS)

@@ -621,7 +621,10 @@ def plot_curves(path: Path, curves: dict[str, dict[str, tuple[list[float], list[
 # ---------------------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------------------
-def main(args: ReportArguments) -> Path:
+ARGUMENTS = (ReportArguments,)  # what main takes, in order (CLI, YAML, tests)
+
+
+def main(args: ReportArguments) -> dict:
     from .checkpoints import StageOutput, check_parent
     from .cli import setup_logging, to_dict
     from .labelers import load_labeler
@@ -722,10 +725,10 @@ def main(args: ReportArguments) -> Path:
     for source, values in rm_accuracy.items():
         print(f"reward model ({source}): " + ", ".join(f"{k} = {v:.4f}" for k, v in values.items()))
     print(f"report: {final / 'report.md'}")
-    return final
+    return metrics
 
 
 if __name__ == "__main__":
     from .cli import run_stage
 
-    run_stage(main, (ReportArguments,))
+    run_stage(main, ARGUMENTS)

@@ -183,7 +183,7 @@ def models(tmp_path_factory):
 def test_full_report_on_synthetic_generations(tmp_path, models, capsys):
     _write_generations(tmp_path / "base.jsonl", GLOOMY)
     _write_generations(tmp_path / "dpo.jsonl", CHEERFUL + ["A | pipe\nand a newline."])
-    (args,) = parse_args([report.ReportArguments], [
+    (args,) = parse_args(report.ARGUMENTS, [
         "--output_dir", str(tmp_path / "report"),
         "--generations", f"base={tmp_path / 'base.jsonl'}", f"dpo={tmp_path / 'dpo.jsonl'}",
         "--labeler", "vader", "--reward_model", models["rm"],
@@ -192,7 +192,8 @@ def test_full_report_on_synthetic_generations(tmp_path, models, capsys):
         "--rm_eval", models["rm_eval"], "--stages", f"dpo={models['dpo']}",
         "--bootstrap_samples", "2000", "--num_examples", "3",
     ])
-    out = report.main(args)
+    returned = report.main(args)
+    out = tmp_path / "report"
 
     assert not (tmp_path / "report.partial").exists()
     for name in ("report.md", "hist_labeler.png", "hist_reward_model.png", "means.png", "training_curves.png",
@@ -200,6 +201,7 @@ def test_full_report_on_synthetic_generations(tmp_path, models, capsys):
         assert (out / name).is_file(), name
     assert (out / "means.png").read_bytes()[:4] == b"\x89PNG"
     metrics = json.loads((out / "metrics.json").read_text())
+    assert returned == metrics  # every stage's main returns its metrics
     dpo = metrics["summary"]["policies"]["dpo"]["metrics"]
     assert dpo["labeler"]["diff_vs_baseline"]["excludes_zero"] and dpo["labeler"]["diff_vs_baseline"]["mean"] > 0.5
     assert dpo["labeler"]["diff_vs_baseline"]["n"] == 12
@@ -235,8 +237,8 @@ def test_kl_of_the_reference_to_itself_is_zero(tmp_path, models):
 def test_argument_errors(tmp_path, models):
     _write_generations(tmp_path / "base.jsonl", GLOOMY)
     common = ["--output_dir", str(tmp_path / "r"), "--generations", f"base={tmp_path / 'base.jsonl'}"]
-    (args,) = parse_args([report.ReportArguments], common + ["--policy_models", f"dpo={models['dpo']}"])
+    (args,) = parse_args(report.ARGUMENTS, common + ["--policy_models", f"dpo={models['dpo']}"])
     with pytest.raises(UserError, match="'dpo' has no --generations entry"):
         report.main(args)
     with pytest.raises(UserError, match="--confidence"):
-        parse_args([report.ReportArguments], common + ["--confidence", "1.5"])
+        parse_args(report.ARGUMENTS, common + ["--confidence", "1.5"])

@@ -44,7 +44,7 @@ def data_dir(tmp_path_factory):
     return out
 
 
-TYPES = (sft_train.ScriptArguments, sft_train.ModelArguments, sft_train.SFTArguments)
+TYPES = sft_train.ARGUMENTS
 
 
 def _args(*argv):

@@ -257,7 +257,7 @@ def _generations(tmp_path):
 
 
 def _run(argv):
-    return eval_winrate.main(*parse_args((eval_winrate.ScriptArguments,), argv))
+    return eval_winrate.main(*parse_args(eval_winrate.ARGUMENTS, argv))
 
 
 def test_stage_with_api_judge(tmp_path, server, monkeypatch, capsys):
