@@ -268,3 +268,29 @@ def test_identical_pair_is_an_exact_tie_with_a_real_model(tmp_path, tiny_rm_dir)
     last = json.loads((tmp_path / "eval" / "scores.jsonl").read_text().splitlines()[-1])
     assert last["chosen_score"] == last["rejected_score"] and last["correct"] is False
     assert results["ties"] >= 1 and results["identical_pairs"] == 1
+
+
+def test_truncation_equals_the_hf_tokenizer_rewardbench_uses(tiny_llama_dir):
+    """RewardBench: render text, tokenizer(text, truncation=True, max_length, side left), the first of two BOS masked.
+    On a tokenizer that adds a BOS and a template that prints one, our ids and cut are the same tokens."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from rlhfkit.rewardbench import special_token_frame
+    from rlhfkit.tokenization import render_ids, render_text
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    bos = tokenizer.bos_token
+    bos_id = tokenizer.convert_tokens_to_ids(bos)
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                             special_tokens=[(bos, bos_id)])
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert special_token_frame(tokenizer) == ([bos_id], [])
+    conversation = [{"role": "user", "content": "hello there " * 20}, {"role": "assistant", "content": "hi " * 10}]
+    ids, text = render_ids(tokenizer, conversation), render_text(tokenizer, conversation)
+    tokenizer.truncation_side = "left"
+    for limit in (30, 64, 1000):
+        reference = tokenizer(text, truncation=True, max_length=limit)["input_ids"]
+        if reference[:2] == [bos_id, bos_id]:
+            reference = reference[1:]  # RewardBenchPipeline masks the first of a double BOS
+        assert truncate_like_tokenizer(ids, limit, "left", *special_token_frame(tokenizer)) == reference, limit
