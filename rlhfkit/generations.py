@@ -138,8 +138,10 @@ def read_generations(path: str | os.PathLike, need_rewards: bool = False) -> Gen
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class PairArguments:
-    pair_strategy: str = field(default="max_min", metadata={"help": "max_min | max_random | random | best_of_k (see rlhfkit/pairs.py)."})
-    min_margin: float = field(default=0.0, metadata={"help": "Drop pairs (and best-of-K rows) whose reward margin is below this."})
+    pair_strategy: str = field(default="max_min",
+                               metadata={"help": "max_min | max_random | random | best_of_k (see rlhfkit/pairs.py)."})
+    min_margin: float = field(default=0.0,
+                              metadata={"help": "Drop pairs (and best-of-K rows) whose reward margin is below this."})
     pair_seed: int = field(default=42, metadata={"help": "Seed of the random draws of max_random / random."})
     histogram_bins: int = field(default=40, metadata={"help": "Bins of reward_hist.png."})
 

@@ -14,12 +14,14 @@ Input formats, detected per row (one run may not mix chat, plain-text and templa
 | `{"messages": [{"role","content"}...]}` (ours, annotate/)    | messages                                     |
 | `{"conversations": [{"from","value"}...]}` (ShareGPT)        | messages (human→user, gpt→assistant)         |
 | `{"prompt": msgs or str, "completion": msgs or str}`         | messages (a string prompt becomes one user turn) |
-| a preference row in any format of `rlhfkit.data.PREFERENCE_FORMATS` (canonical `prompt`+`chosen`, HH-RLHF raw `chosen`, RLHFlow conversations, LMFlow `positive`); rejected side optional | messages of the chosen dialogue |
+| a preference row, any `rlhfkit.data.PREFERENCE_FORMATS` format (no rejected side needed) | messages of the chosen dialogue |
 | `{"text": str}`                                              | text                                         |
 | LMFlow file `{"type": "text_only", "instances": [{"text"}]}` | text                                         |
 | LMFlow file `{"type": "text2text", "instances": [{"input","output"}]}` | messages (user/assistant)          |
 | LMFlow file `{"type": "conversation", "instances": [{"messages"}]}` | messages                              |
 | any row + `--text_template "Question: {question}\\n\\nAnswer: {response}"` | prompt/completion split at the last field |
+
+Preference formats: canonical `prompt`+`chosen`, HH-RLHF raw `chosen`, RLHFlow conversations, LMFlow `positive`.
 
 String prompt/completion pairs become chat turns rather than raw text because every later stage (DPO, generation,
 PPO) renders prompts through the chat template; training SFT on another format would teach the model a layout it

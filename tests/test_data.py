@@ -215,7 +215,8 @@ def test_lmflow_rows_load_exactly_as_rlhfkit_lmflow_reads_them(tmp_path):
     from rlhfkit.lmflow import export_pairs, import_pairs
 
     rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " two  spaces "}],
-             "chosen": [{"role": "assistant", "content": "yes\n"}], "rejected": [{"role": "assistant", "content": " no"}]}]
+             "chosen": [{"role": "assistant", "content": "yes\n"}],
+             "rejected": [{"role": "assistant", "content": " no"}]}]
     path = tmp_path / "rm.json"
     export_pairs(rows, path)
     loaded = load_preferences([str(path)]).rows

@@ -55,7 +55,8 @@ def test_rows_errors_name_file_row_field(tmp_path):
         path = _write(tmp_path / f"bad{number}.jsonl", [row])
         with pytest.raises(UserError, match=message):
             read_generations(path)
-    annotated = _write(tmp_path / "ann.jsonl", [{"id": "x", "prompt": _user("q"), "responses": ["a"], "rewards": [1, 2]}])
+    annotated = _write(tmp_path / "ann.jsonl",
+                       [{"id": "x", "prompt": _user("q"), "responses": ["a"], "rewards": [1, 2]}])
     with pytest.raises(UserError, match="field 'rewards': must be a list of numbers, one per response"):
         read_generations(annotated, need_rewards=True)
     twice = _write(tmp_path / "twice.jsonl", [ROWS[1], ROWS[1]])

@@ -185,7 +185,8 @@ def test_assistant_mask_takes_a_token_merged_across_the_generation_prompt(tiny_l
 def test_assistant_mask_refuses_templates_that_do_not_render_incrementally(tiny_llama_dir):
     from rlhfkit.sft_data import assistant_token_mask, tokenize_assistant_only
 
-    counted = _tokenizer(tiny_llama_dir, "{{ messages | length }}\n{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    counted = _tokenizer(tiny_llama_dir,
+                         "{{ messages | length }}\n{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
     with pytest.raises(ValueError, match="not a prefix"):
         assistant_token_mask(counted, [U, A])
     with pytest.raises(UserError, match=r"conversation 2: .*not a prefix.*--assistant_only_loss false"):

@@ -32,6 +32,8 @@ def test_stage_exports_its_arguments_and_main_returns_metrics(stage):
     main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
     taken = [ast.unparse(arg.annotation) if arg.annotation else None for arg in main.args.args]
     assert taken == _names(exported[0].value), f"{stage}: main's parameters differ from ARGUMENTS"
-    assert main.returns is not None and ast.unparse(main.returns).startswith("dict"), f"{stage}: main must return metrics"
+    returns = ast.unparse(main.returns) if main.returns is not None else ""
+    assert returns.startswith("dict"), f"{stage}: main must return its metrics, not {returns or 'nothing'}"
     calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and ast.unparse(node.func) == "run_stage"]
-    assert calls and all(ast.unparse(call.args[1]) == "ARGUMENTS" for call in calls), f"{stage}: run_stage(main, ARGUMENTS)"
+    assert calls and all(ast.unparse(call.args[1]) == "ARGUMENTS" for call in calls), \
+        f"{stage}: run_stage(main, ARGUMENTS)"
