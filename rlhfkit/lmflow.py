@@ -101,6 +101,10 @@ def read_lmflow_instances(path: str | os.PathLike, expect: str) -> list[dict]:
         raise UserError(f"{path}: LMFlow file not found") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: byte {exc.start}: not valid UTF-8; re-encode the file as UTF-8") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not an LMFlow JSON file") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list):
         raise UserError(f"{path}: an LMFlow file is an object with an 'instances' list")
     kind = payload.get("type")

@@ -81,6 +81,12 @@ def test_errors_name_file_instance_and_field(tmp_path):
         import_pairs(FIXTURES / "lmflow_sft.json")
     with pytest.raises(UserError, match="expected 'text_only'"):
         import_sft(FIXTURES / "lmflow_pairs.json")
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('{"instances": [{"text": "caf\u00e9"}]}'.encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.json: byte 28: not valid UTF-8"):
+        import_sft(latin1)
+    with pytest.raises(UserError, match="is a directory"):
+        import_pairs(tmp_path)
 
 
 def test_prepare_data_imports_and_exports_lmflow(tmp_path):
