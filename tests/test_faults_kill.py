@@ -193,3 +193,69 @@ def test_killed_anywhere_leaves_nothing_accepted_and_resumes_exactly(tmp_path, c
         assert "checkpoint-6 is incomplete (interrupted while saving); not resuming from it" in err, err[-3000:]
     assert check_parent(out)["stage"] == stage.split("_")[0]
     assert weights_digest(out) == digest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# preemption: a real SIGTERM at step 5, then resume; every Trainer stage
+# ---------------------------------------------------------------------------------------------------------------
+def sigterm_at_step_5():
+    from transformers.trainer_callback import CallbackHandler
+
+    original = CallbackHandler.on_step_end
+
+    def on_step_end(self, args, state, control):
+        if state.global_step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster's preemption would: the handler runs at once
+        return original(self, args, state, control)
+
+    CallbackHandler.on_step_end = on_step_end
+
+
+def run_forked(stage: str, argv: list[str], setup, stderr_file: Path) -> int:
+    """Run the stage in a forked child after `setup()`, its stderr into `stderr_file`; return its exit code (or
+    -signal)."""
+    import sys
+
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            sys.stderr = open(stderr_file, "w", buffering=1)
+            setup()
+            from rlhfkit.cli import run_stage
+            from tests.test_faults_stages import _stage
+
+            main, types = _stage(stage)
+            run_stage(main, types, argv)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+
+
+@pytest.mark.parametrize("stage", ["rm_train", "sft_train", "dpo_train"])
+def test_sigterm_checkpoints_at_the_step_and_resumes_exactly(tmp_path, capsys, reference, stage):
+    from rlhfkit.faults import EXIT_PREEMPTED
+
+    data, digest = reference(stage)
+    out = tmp_path / "out"
+    argv = _argv(stage, data, out)
+    code = run_forked(stage, argv, sigterm_at_step_5, tmp_path / "stderr.txt")
+    assert code != -signal.SIGTERM, (f"{stage}.py died of SIGTERM: it does not call "
+                                     f"rlhfkit.faults.install_fault_handlers(trainer, training_args) after building "
+                                     f"its trainer")
+    assert code == EXIT_PREEMPTED
+    err = (tmp_path / "stderr.txt").read_text()
+    lines = [line for line in err.splitlines() if line.startswith("preempted:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert lines[0].startswith("preempted: preempted by SIGTERM at step 5: checkpoint saved to") and lines[0].endswith(
+        "rerun the same command with --resume_from_checkpoint true to continue"), lines
+    checkpoint = Path(f"{out}.partial") / "checkpoints" / "checkpoint-5"
+    assert (checkpoint / "trainer_state.json").is_file() and not out.exists()
+    assert not (Path(f"{out}.partial") / "LOCK").exists()  # a preempted run ends cleanly: no stale lock
+    code, err = run_in_process(stage, [*argv, "--resume_from_checkpoint", "true"], capsys)
+    assert code == 0, err[-3000:]
+    assert weights_digest(out) == digest
