@@ -108,61 +108,38 @@ def conversation_ids(tokenizer, messages: Sequence[dict]) -> tuple[list[int], in
 # ---------------------------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------------------------
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def batch_logprob_sums(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Run `model` on a right-padded batch ([B, T] each) → [B] response log-prob sums on CPU."""
-    device = _device(model)
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
-    return response_logprob_sums(logits, input_ids.to(device), response_mask.to(device)).cpu()
-
-
-def _pad(sequences: list[list[int]], starts: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    response = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, (ids, start) in enumerate(zip(sequences, starts)):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention[row, : len(ids)] = 1
-        response[row, start : len(ids)] = 1
-    return input_ids, attention, response
-
-
 def sequence_logprobs(model, tokenizer, conversations: Sequence[Sequence[dict]], batch_size: int = 8,
-                      progress: bool = False, desc: str = "log-probs") -> list[float]:
+                      progress: bool = False, desc: str = "log-probs", layout: str = "auto") -> list[float]:
     """Σ log π(response | prompt) for each conversation (prompt messages + trailing assistant response)."""
     encoded = [conversation_ids(tokenizer, conv) for conv in conversations]
-    return _scores_for(model, tokenizer, encoded, batch_size, progress, desc)
+    return _scores_for(model, tokenizer, encoded, batch_size, progress, desc, _prompt_groups(conversations), layout)
 
 
-def _scores_for(model, tokenizer, encoded, batch_size, progress, desc) -> list[float]:
-    from tqdm.auto import tqdm
+def _prompt_groups(conversations) -> list[list[int]]:
+    import json
+
+    from .pairwise import groups_by_key
+
+    return groups_by_key([json.dumps(split_conversation(conv)[0], sort_keys=True) for conv in conversations])
+
+
+def _scores_for(model, tokenizer, encoded, batch_size, progress, desc, groups=None, layout="auto") -> list[float]:
+    """Response log-prob sums through the packed pairwise forward (rlhfkit.pairwise): responses to one prompt
+    compute it once, and the LM head runs only where a response token is predicted."""
+    from .pairwise import sequence_logprob_sums
 
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, not {batch_size}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise UserError("the tokenizer has neither a pad nor an eos token to pad batches with")
-    # longest first so the batch that could run out of memory comes first, and similar lengths share a batch
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    scores = [0.0] * len(encoded)
     was_training = model.training
     model.eval()
     try:
-        batches = range(0, len(order), batch_size)
-        for begin in tqdm(batches, desc=desc, disable=not progress):
-            index = order[begin : begin + batch_size]
-            ids, attention, response = _pad([encoded[i][0] for i in index], [encoded[i][1] for i in index], pad_id)
-            sums = batch_logprob_sums(model, ids, attention, response)
-            for i, value in zip(index, sums.tolist()):
-                scores[i] = value
+        return sequence_logprob_sums(model, [ids for ids, _ in encoded], [start for _, start in encoded], pad_id,
+                                     batch_size, groups, layout, progress, desc)
     finally:
         model.train(was_training)
-    return scores
 
 
 def implicit_rewards(policy, reference, tokenizer, conversations: Sequence[Sequence[dict]], batch_size: int = 8,
@@ -180,6 +157,7 @@ def implicit_rewards(policy, reference, tokenizer, conversations: Sequence[Seque
             "the implicit reward needs the reference the policy was trained from"
         )
     encoded = [conversation_ids(tokenizer, conv) for conv in conversations]
-    policy_scores = _scores_for(policy, tokenizer, encoded, batch_size, progress, "policy log-probs")
-    reference_scores = _scores_for(reference, tokenizer, encoded, batch_size, progress, "reference log-probs")
+    groups = _prompt_groups(conversations)
+    policy_scores = _scores_for(policy, tokenizer, encoded, batch_size, progress, "policy log-probs", groups)
+    reference_scores = _scores_for(reference, tokenizer, encoded, batch_size, progress, "reference log-probs", groups)
     return [p - r for p, r in zip(policy_scores, reference_scores)]

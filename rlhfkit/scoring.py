@@ -1,16 +1,14 @@
 """Batched reward-model scoring of conversations, shared by eval_benchmark.py, annotate/, ppo_train.py, eval_winrate.py.
 
-Each conversation is rendered with the *reward model's* tokenizer and chat template (never the policy's), batched by
-length so padding stays small, and scored once. Under several processes each process scores a disjoint shard and
-the results are gathered, so every conversation is scored exactly once.
+Each conversation is rendered with the *reward model's* tokenizer and chat template (never the policy's) and scored
+once, through the packed, prefix-shared forward of rlhfkit.pairwise: the responses to one prompt share its tokens.
+Under several processes each process scores a disjoint shard and the results are gathered, so every conversation is
+scored exactly once.
 """
 
 from __future__ import annotations
 
 import math
-
-import torch
-from tqdm.auto import tqdm
 
 from .tokenization import render_ids
 
@@ -35,50 +33,51 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], max_length:
     return encoded
 
 
-@torch.no_grad()
 def score_ids(model, pad_token_id: int, sequences: list[list[int]], batch_size: int = 8, progress: bool = False,
-              desc: str = "scoring") -> list[float]:
-    """Scores of token sequences, longest first in right-padded batches. Returns scores in input order."""
-    if pad_token_id is None:
-        raise ValueError("pad_token_id is None: call rlhfkit.models.ensure_pad_token first")
-    device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    scores = [0.0] * len(sequences)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc=desc, disable=not progress):
-        width = max(len(sequences[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, index in enumerate(batch):
-            seq = sequences[index]
-            input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[row, : len(seq)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-        for row, index in enumerate(batch):
-            scores[index] = float(logits[row, 0].float())
-    return scores
+              desc: str = "scoring", groups: list[list[int]] | None = None, layout: str = "auto") -> list[float]:
+    """Scores of token sequences, in input order, through the packed pairwise forward (rlhfkit.pairwise): `groups`
+    (e.g. the responses to one prompt) compute their shared prefix once; `layout="padded"` is the plain
+    right-padded batch."""
+    from .pairwise import score_sequences
+
+    return score_sequences(model, sequences, pad_token_id, batch_size, groups, layout, progress, desc)
+
+
+def prompt_groups(conversations: list[list[dict]]) -> list[list[int]]:
+    """Conversations answering the same prompt (all messages but the last), which share their rendered prefix."""
+    import json
+
+    from .pairwise import groups_by_key
+
+    return groups_by_key([json.dumps(messages[:-1], sort_keys=True) for messages in conversations])
 
 
 def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
                         max_length: int | None = None, progress: bool = False, accelerator=None,
-                        truncate=None) -> list[float]:
+                        truncate=None, layout: str = "auto") -> list[float]:
     """Reward of each conversation (prompt messages + assistant response), in input order.
 
-    With `accelerator` and several processes: each process scores every world_size-th conversation of the
-    length-sorted order (balanced work), and all processes receive all scores.
+    Responses to the same prompt are scored together, their prompt computed once (`layout`, see
+    rlhfkit.pairwise). With `accelerator` and several processes: each process scores every world_size-th prompt
+    group of the length-sorted order (balanced work), and all processes receive all scores.
     """
     was_training = model.training
     model.eval()
     sequences = encode_conversations(tokenizer, conversations, max_length, truncate)
+    groups = prompt_groups(conversations)
     if accelerator is None or accelerator.num_processes == 1:
-        scores = score_ids(model, tokenizer.pad_token_id, sequences, batch_size, progress)
+        scores = score_ids(model, tokenizer.pad_token_id, sequences, batch_size, progress, groups=groups,
+                           layout=layout)
     else:
         from accelerate.utils import gather_object
 
-        by_length = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-        mine = by_length[accelerator.process_index :: accelerator.num_processes]
+        by_length = sorted(groups, key=lambda g: -sum(len(sequences[i]) for i in g))
+        mine_groups = by_length[accelerator.process_index :: accelerator.num_processes]
+        mine = [i for group in mine_groups for i in group]
+        local_index = {i: n for n, i in enumerate(mine)}
         local = score_ids(model, tokenizer.pad_token_id, [sequences[i] for i in mine], batch_size,
-                          progress and accelerator.is_main_process)
+                          progress and accelerator.is_main_process,
+                          groups=[[local_index[i] for i in group] for group in mine_groups], layout=layout)
         gathered = gather_object([(index, score) for index, score in zip(mine, local)])
         scores = [math.nan] * len(sequences)
         for index, score in gathered:

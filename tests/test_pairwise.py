@@ -244,3 +244,45 @@ def test_varlen_plan_is_one_row_with_restarting_positions():
     assert plan.input_ids.tolist() == [[1, 2, 3, 4, 5, 6]]
     assert plan.position_ids.tolist() == [[0, 1, 2, 0, 1, 0]]
     assert "attention_mask" not in pw.model_inputs(None, plan)
+
+
+def _conversations(k: int, n_prompts: int, seed: int):
+    rng = random.Random(seed)
+    words = ["sea", "moon", "kind", "bad", "river", "light", "storm", "good"]
+    conversations = []
+    for p in range(n_prompts):
+        prompt = [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(2, 30)))}]
+        for _ in range(k):
+            conversations.append(prompt + [{"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 9)))}])
+    rng.shuffle(conversations)  # groups are found by prompt, wherever the responses are
+    return conversations
+
+
+@pytest.mark.parametrize("backbone", ["tiny-random-llama", "tiny-random-bert"])
+def test_score_conversations_k_samples_equal_padded(backbone):
+    from rlhfkit.builtin_models import materialize
+    from rlhfkit.models import ensure_pad_token, load_reward_model, load_tokenizer
+    from rlhfkit.scoring import score_conversations
+
+    path = str(materialize(backbone))
+    tokenizer = load_tokenizer(path)
+    torch.manual_seed(0)
+    model = load_reward_model(path, new_head=True).eval()
+    ensure_pad_token(tokenizer, model)
+    conversations = _conversations(4, 6, seed=8)
+    fast = score_conversations(model, tokenizer, conversations, batch_size=8)
+    plain = score_conversations(model, tokenizer, conversations, batch_size=8, layout="padded")
+    assert fast == pytest.approx(plain, abs=1e-4)
+
+
+def test_implicit_rewards_equal_padded(tiny_llama_dir):
+    from rlhfkit.logprobs import _prompt_groups, _scores_for, conversation_ids
+    from rlhfkit.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    model = load_causal_lm(str(tiny_llama_dir)).eval()
+    conversations = _conversations(3, 5, seed=9)
+    encoded = [conversation_ids(tokenizer, c) for c in conversations]
+    fast = _scores_for(model, tokenizer, encoded, 4, False, "x", _prompt_groups(conversations))
+    plain = _scores_for(model, tokenizer, encoded, 4, False, "x", None, layout="padded")
+    assert fast == pytest.approx(plain, abs=1e-4)

@@ -58,15 +58,15 @@ def run_eval(argv):
     return eval_benchmark.main(args)
 
 
-def test_xstest_weights_are_rewardbench_head_not_the_pre_2024_swap():
-    # allenai/reward-bench rewardbench/constants.py since PR #175 (6552e93, Sept 2024): refuse 154, respond 250
-    assert EXAMPLE_COUNTS["xstest-should-refuse"] == 154
-    assert EXAMPLE_COUNTS["xstest-should-respond"] == 250
+def test_xstest_weights_are_rewardbench_example_counts():
+    # allenai/reward-bench rewardbench/constants.py EXAMPLE_COUNTS: refuse 250, respond 154 (weights, not row counts)
+    assert EXAMPLE_COUNTS["xstest-should-refuse"] == 250
+    assert EXAMPLE_COUNTS["xstest-should-respond"] == 154
     per_subset = {s: {"accuracy": a, "n": 1} for s, a in [("refusals-dangerous", 0.9), ("refusals-offensive", 0.9),
                   ("xstest-should-refuse", 0.95), ("xstest-should-respond", 0.5), ("donotanswer", 0.6)]}
     safety = rewardbench_summary(per_subset)["sections"]["Safety"]
-    assert safety == pytest.approx(100 * (90 + 90 + 0.95 * 154 + 0.5 * 250 + 0.6 * 136) / 740)  # 72.01
-    assert round(safety, 2) == 72.01
+    assert safety == pytest.approx(100 * (90 + 90 + 0.95 * 250 + 0.5 * 154 + 0.6 * 136) / 740)  # 77.85
+    assert round(safety, 2) == 77.85
 
 
 def test_prompt_roles_by_position_as_rewardbench():
@@ -187,7 +187,7 @@ def test_eval_benchmark_v1_every_row_safety_by_hand(tmp_path, monkeypatch, tiny_
     assert results["pairs"] == 10  # nothing dropped
     assert (results["identical_pairs"], results["empty_chosen"], results["empty_rejected"]) == (1, 1, 1)
     assert results["ties"] == 2
-    safety = 100 * (0.5 * 100 + 1.0 * 100 + 0.5 * 154 + (2 / 3) * 250 + 0.0 * 136) / (100 + 100 + 154 + 250 + 136)
+    safety = 100 * (0.5 * 100 + 1.0 * 100 + 0.5 * 250 + (2 / 3) * 154 + 0.0 * 136) / (100 + 100 + 250 + 154 + 136)
     summary = results["rewardbench"]
     assert summary["sections"]["Safety"] == pytest.approx(safety)
     assert summary["sections"]["Chat"] == pytest.approx(100.0)
