@@ -62,6 +62,9 @@ class ScriptArguments:
     dataset_split: str = field(default="train", metadata={"help": "Split for hub datasets (RewardBench: 'filtered'; "
                                "RewardBench 2: 'test')."})
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
+    pairwise_forward: str = field(default="auto", metadata={"help": "prefix_shared | packed | padded | auto: how "
+                                  "the responses to one prompt are laid out (rlhfkit/pairwise.py); every layout "
+                                  "gives the same scores, auto the fastest."})
     max_length: int = field(default=2048, metadata={"help": "Truncate longer sequences as RewardBench does (its "
                             "default 2048); never beyond the model's own position limit."})
     chat_template: str = field(default=None, metadata={"help": "Template for a tokenizer without one."})
@@ -144,8 +147,12 @@ def main(script_args: ScriptArguments) -> dict:
                                      dpo_tokenize_pair, format_table, is_correct, is_rewardbench,
                                      load_rewardbench_rows, model_position_limit, rewardbench_summary,
                                      subset_accuracies)
+    from rlhfkit.pairwise import PAIRWISE_FORWARDS, linked_groups
     from rlhfkit.scoring import encode_conversations, score_conversations, shard_and_gather
 
+    if script_args.pairwise_forward not in PAIRWISE_FORWARDS:
+        raise UserError(f"--pairwise_forward must be one of {', '.join(PAIRWISE_FORWARDS)}, "
+                        f"not '{script_args.pairwise_forward}'")
     for flag in ("reward_name_or_path", "dataset_path", "record_dir"):
         if not getattr(script_args, flag):
             raise UserError(f"--{flag} is required")
@@ -219,14 +226,16 @@ def main(script_args: ScriptArguments) -> dict:
             sequences, mapping = unique_items([(t.chosen_ids, t.chosen_start) for t in tokenized]
                                               + [(t.rejected_ids, t.rejected_start) for t in tokenized])
             how = "sum" if reference is not None else script_args.ref_free_type
+            n = len(pairs_rows)
+            groups = linked_groups(len(sequences), [(mapping[i], mapping[n + i]) for i in range(n)])
+            layout = script_args.pairwise_forward
             values = dpo_sequence_scores(model, sequences, tokenizer.pad_token_id, size, how, progress,
-                                         "policy log-probs")
+                                         "policy log-probs", groups=groups, layout=layout)
             if reference is not None:
                 ref_values = dpo_sequence_scores(reference, sequences, tokenizer.pad_token_id, size, "sum", progress,
-                                                 "reference log-probs")
+                                                 "reference log-probs", groups=groups, layout=layout)
                 values = [p - r for p, r in zip(values, ref_values)]
             values = [values[i] for i in mapping]
-            n = len(pairs_rows)
             return list(zip(values[:n], values[n:])), tokenized
 
         def score_pair_list(part):
@@ -247,7 +256,8 @@ def main(script_args: ScriptArguments) -> dict:
         full_lengths = [len(ids) for ids in encode_conversations(tokenizer, conversations)]
         unique, mapping = unique_items(conversations)
         unique_scores = score_conversations(model, tokenizer, unique, batch_size, plan.max_length, progress=True,
-                                            accelerator=accelerator, truncate=truncate)
+                                            accelerator=accelerator, truncate=truncate,
+                                            layout=script_args.pairwise_forward)
         scores = [unique_scores[i] for i in mapping]
         limit = plan.max_length
         sequence_truncated = [limit is not None and n > limit for n in full_lengths]
@@ -364,8 +374,9 @@ def main(script_args: ScriptArguments) -> dict:
                 picked = [offsets[i] + j for i in sample for j in range(len(rows[i]["completions"]))]
             else:
                 picked = list(sample) + [len(rows) + i for i in sample]
+            # each sequence alone in a plain forward: also checks the packed, prefix-shared layout of the run
             single = score_conversations(model, tokenizer, [conversations[i] for i in picked], 1, plan.max_length,
-                                         progress=False, accelerator=None, truncate=truncate)
+                                         progress=False, accelerator=None, truncate=truncate, layout="padded")
             batched = [scores[i] for i in picked]
         diagnostics["batch_invariance"] = rm_diagnostics.batch_invariance(batched, single, batch_size, len(sample))
     results["diagnostics"] = diagnostics

@@ -639,6 +639,22 @@ def groups_by_key(keys: list) -> list[list[int]]:
     return list(groups.values())
 
 
+def linked_groups(count: int, links: list[tuple[int, int]]) -> list[list[int]]:
+    """Indices 0 … count−1 grouped by connectivity of `links` (e.g. each pair's chosen and rejected after identical
+    sequences were merged, so one sequence may belong to several pairs)."""
+    parent = list(range(count))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in links:
+        parent[root(a)] = root(b)
+    return groups_by_key([root(i) for i in range(count)])
+
+
 def batched_plans(sequences: list[list[int]], groups: list[list[int]] | None, batch_size: int, kind: str,
                   pad_token_id: int, score_from: list[int] | None = None, position_offset: int = 0):
     """Yield (sequence indices, Plan) covering every sequence once: groups kept whole, longest first, at most

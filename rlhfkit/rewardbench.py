@@ -456,40 +456,37 @@ def dpo_reduce(per_token, mask, how: str):
 
 
 def dpo_sequence_scores(model, sequences: Sequence[tuple[list[int], int]], pad_token_id: int, batch_size: int = 8,
-                        how: str = "sum", progress: bool = False, desc: str = "log-probs") -> list[float]:
-    """Reduced response log-probs of (ids, response_start) sequences, longest first in right-padded batches (padding
-    as DPODataCollatorWithPadding: pad id, attention 0, not scored). Returns them in input order."""
+                        how: str = "sum", progress: bool = False, desc: str = "log-probs",
+                        groups: list[list[int]] | None = None, layout: str = "auto") -> list[float]:
+    """Reduced response log-probs of (ids, response_start) sequences, in input order (tokens response_start … end
+    scored, position 0 never: DPODataCollatorWithPadding's padding is never scored either). Runs through the
+    packed pairwise forward (rlhfkit.pairwise): `groups` (a pair's chosen and rejected) compute their shared prompt
+    once and the LM head runs only at scored positions; `layout="padded"` is the plain right-padded batch."""
     import torch
     from tqdm.auto import tqdm
 
-    from .logprobs import token_logprobs
+    from . import pairwise as pw
 
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, not {batch_size}")
+    kind = pw.choose_layout(model, layout, quiet=True)
     device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
+    ids = [list(s) for s, _ in sequences]
+    score_from = [max(start, 1) for _, start in sequences]
     scores = [0.0] * len(sequences)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for begin in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
-                index = order[begin : begin + batch_size]
-                width = max(len(sequences[i][0]) for i in index)
-                input_ids = torch.full((len(index), width), pad_token_id, dtype=torch.long)
-                attention = torch.zeros((len(index), width), dtype=torch.long)
-                response = torch.zeros((len(index), width), dtype=torch.long)
-                for row, i in enumerate(index):
-                    ids, start = sequences[i]
-                    input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                    attention[row, : len(ids)] = 1
-                    response[row, max(start, 1) : len(ids)] = 1
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                               use_cache=False).logits
-                per_token = token_logprobs(logits, input_ids.to(device))
-                values = dpo_reduce(per_token, response.to(device), how).float().cpu().tolist()
+            plans = list(pw.batched_plans(ids, groups, batch_size, kind, pad_token_id, score_from=score_from))
+            for index, plan in tqdm(plans, desc=desc, disable=not progress):
+                plan = plan.to(device)
+                per_token = pw.scatter_padded(pw.token_logprobs(model, plan).log_probs, plan)
+                values = dpo_reduce(per_token, pw.padded_scored_mask(plan), how).float().cpu().tolist()
                 for i, value in zip(index, values):
                     scores[i] = value
     finally:
         model.train(was_training)
     return scores
+
+
