@@ -5,6 +5,12 @@ its weights, tokenizer, `metrics.json`, `args.yaml` and finally `run_info.json` 
 `OUT.partial` to `OUT`. A run killed at any point leaves only `OUT.partial`, which carries the marker file
 `INCOMPLETE` and is refused by `check_parent`; `--resume_from_checkpoint true` continues from its last checkpoint.
 
+One run per directory: the main process holds `OUT.partial/LOCK` (an flock on it, released by the kernel when the
+process dies; the file says pid, host, start time, command) from `StageOutput()` to the rename. A second run is
+refused naming the holder; a lock file whose process is gone is reported and taken over only when resuming or
+overwriting. `release_all` (called by `rlhfkit.cli.run_stage` when a stage ends) drops the locks and, after a
+failure, removes a staging dir this process created that holds nothing but its markers, so bad input writes nothing.
+
 `run_info.json` holds: stage, complete, toolkit version, arguments, parent checkpoint (path and stage), the model
 name as asked and as resolved, dataset paths and fingerprint, final metrics, and (reward models) the reward
 mean/std on the training data for normalisation in PPO.
@@ -324,7 +330,8 @@ class StageOutput:
                 f"or choose another --output_dir"
             )
         lock_path = Path(str(final) + PARTIAL_SUFFIX) / LOCK_FILE
-        holder = RunLock.probe(lock_path)
+        # only the main process takes the lock, so only it asks (the others would find the main process's lock)
+        holder = RunLock.probe(lock_path) if _is_main_process() else None
         if holder is not None:
             raise UserError(f"{final}: another run is writing this output dir ({RunLock.describe(holder)}; lock file "
                             f"{lock_path}); wait for it to finish or choose another --output_dir")
