@@ -246,7 +246,8 @@ class ApiJudge:
                 try:
                     text = reply["choices"][0]["message"]["content"]
                 except (KeyError, IndexError, TypeError):
-                    raise _Retryable(f"reply has no choices[0].message.content: {self._redact(json.dumps(reply))!r}")
+                    raise _Retryable(
+                        f"reply has no choices[0].message.content: {self._redact(json.dumps(reply))!r}") from None
                 if not isinstance(text, str):
                     raise _Retryable("reply content is not a string")
                 verdict = parse_verdict(text)

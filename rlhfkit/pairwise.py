@@ -44,7 +44,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 

@@ -411,7 +411,7 @@ def _interval(record: dict | None) -> Interval | None:
 
 def _cell(text: str, limit: int = 400) -> str:
     """Text made safe for one markdown table cell."""
-    text = " ".join(text.split()) if "\n" not in text else "<br>".join(" ".join(l.split()) for l in text.splitlines())
+    text = " ".join(text.split()) if "\n" not in text else "<br>".join(" ".join(line.split()) for line in text.splitlines())
     if len(text) > limit:
         text = text[:limit].rstrip() + " …"
     return text.replace("|", "\\|") or "*(empty)*"

@@ -524,5 +524,5 @@ def test_reference_loss_is_lambda_weighted_raw_losses():
     grads = head_gradients(reward_gradients(chosen, rejected, source, present), features)
     unit, _ = normalize_gradients(grads.double(), "l2")
     lam = reference_min_norm_weights(unit)
-    assert float(loss) == pytest.approx(float(sum(float(w) * l for w, l in zip(lam, losses))), rel=1e-5)
+    assert float(loss) == pytest.approx(float(sum(float(w) * loss_k for w, loss_k in zip(lam, losses))), rel=1e-5)
     assert [metrics[f"weight/{n}"] for n in "abc"] == pytest.approx(lam.tolist(), abs=1e-6)

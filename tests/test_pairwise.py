@@ -250,7 +250,7 @@ def _conversations(k: int, n_prompts: int, seed: int):
     rng = random.Random(seed)
     words = ["sea", "moon", "kind", "bad", "river", "light", "storm", "good"]
     conversations = []
-    for p in range(n_prompts):
+    for _ in range(n_prompts):
         prompt = [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(2, 30)))}]
         for _ in range(k):
             conversations.append(prompt + [{"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 9)))}])

@@ -1,6 +1,5 @@
 """Tokenisation pitfalls: double BOS, pad == EOS, truncation that keeps responses whole."""
 
-import pytest
 from tokenizers import processors
 
 from rlhfkit.builtin_models import train_tiny_tokenizer
