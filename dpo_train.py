@@ -58,6 +58,9 @@ class DPOArguments(TrainingDefaults, DPOConfig):
     """TRL's DPOConfig with this toolkit's defaults: no bf16 unless a GPU has it, checkpoints kept for resuming."""
 
 
+ARGUMENTS = (ScriptArguments, ModelArguments, DPOArguments)  # what main takes, in order (CLI, YAML, tests)
+
+
 def main(script_args: ScriptArguments, model_args: ModelArguments, training_args: DPOArguments) -> dict:
     # ---------------------------------------------------------------- setup
     import datasets
@@ -203,4 +206,4 @@ def describe_reference(separate: bool, lora: bool, precompute: bool) -> str:
 
 
 if __name__ == "__main__":
-    run_stage(main, (ScriptArguments, ModelArguments, DPOArguments))
+    run_stage(main, ARGUMENTS)

@@ -132,6 +132,9 @@ def response_lengths(tokenizer, texts: list[str]) -> list[int]:
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
+ARGUMENTS = (ScriptArguments,)  # what main takes (CLI, YAML, tests)
+
+
 def main(script_args: ScriptArguments) -> dict:
     # ---------------------------------------------------------------- setup
     import torch
@@ -437,4 +440,4 @@ def _offsets(rows: list[dict]) -> list[int]:
 
 
 if __name__ == "__main__":
-    run_stage(main, (ScriptArguments,))
+    run_stage(main, ARGUMENTS)

@@ -176,6 +176,9 @@ def _read_source(key: str, args: ScriptArguments, options: SelectionOptions, rev
     return records, origin, revision_record(key, revision, resolved)
 
 
+ARGUMENTS = (ScriptArguments,)  # what main takes (CLI, YAML, tests)
+
+
 def main(script_args: ScriptArguments) -> dict:
     """Build the dataset; returns the manifest (also written to OUTPUT_DIR/manifest.json)."""
     # ---------------------------------------------------------------- setup
@@ -267,4 +270,4 @@ def main(script_args: ScriptArguments) -> dict:
 
 
 if __name__ == "__main__":
-    run_stage(main, (ScriptArguments,))
+    run_stage(main, ARGUMENTS)

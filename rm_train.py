@@ -89,7 +89,10 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int | None, truncatio
     return records, counts
 
 
-def main(script_args: ScriptArguments, model_args: ModelArguments, training_args) -> dict:
+ARGUMENTS = (ScriptArguments, ModelArguments, RMArguments)  # what main takes, in order (CLI, YAML, tests)
+
+
+def main(script_args: ScriptArguments, model_args: ModelArguments, training_args: RMArguments) -> dict:
     # ---------------------------------------------------------------- setup
     import transformers
     from datasets import Dataset
@@ -193,4 +196,4 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
 
 if __name__ == "__main__":
-    run_stage(main, (ScriptArguments, ModelArguments, RMArguments))
+    run_stage(main, ARGUMENTS)

@@ -41,6 +41,9 @@ class ScriptArguments:
             raise ValueError("--world_size is required (≥ 1)")
 
 
+ARGUMENTS = (ScriptArguments,)  # what main takes (CLI, YAML, tests)
+
+
 def main(args: ScriptArguments) -> dict:
     # ---------------------------------------------------------------- setup
     from generation.generate import finalize
@@ -67,4 +70,4 @@ def main(args: ScriptArguments) -> dict:
 
 
 if __name__ == "__main__":
-    run_stage(main, (ScriptArguments,))
+    run_stage(main, ARGUMENTS)

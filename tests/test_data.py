@@ -152,11 +152,10 @@ def test_malformed_row_names_file_row_and_field(tmp_path, capsys, bad_row, field
     assert reason in message, message
     # through the stage entry point: one line on stderr, exit code 2, no output dir
     import rm_train
-    from rlhfkit.args import ModelArguments
     from rlhfkit.cli import run_stage
 
     with pytest.raises(SystemExit) as exit_info:
-        run_stage(rm_train.main, (rm_train.ScriptArguments, ModelArguments, rm_train.RMArguments),
+        run_stage(rm_train.main, rm_train.ARGUMENTS,
                   ["--model_name_or_path", "tiny-random-llama", "--dataset_path", str(path),
                    "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
     assert exit_info.value.code == 2

@@ -15,7 +15,7 @@ from rlhfkit.errors import UserError
 from tests.conftest import REPO, TOPICS, sentiment_pairs, write_jsonl
 
 torch.set_num_threads(1)  # 2 shared cores: oversubscribed threads make tiny models ~50x slower
-TYPES = (dpo_train.ScriptArguments, dpo_train.ModelArguments, dpo_train.DPOArguments)
+TYPES = dpo_train.ARGUMENTS
 COMMON = ["--logging_steps", "5", "--disable_tqdm", "true",
           "--save_strategy", "no", "--seed", "0", "--per_device_train_batch_size", "8",
           "--per_device_eval_batch_size", "16"]

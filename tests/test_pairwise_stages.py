@@ -60,8 +60,7 @@ def _run_dpo(argv):
     import dpo_train
     from rlhfkit.cli import parse_args
 
-    return dpo_train.main(*parse_args((dpo_train.ScriptArguments, dpo_train.ModelArguments,
-                                       dpo_train.DPOArguments), argv))
+    return dpo_train.main(*parse_args(dpo_train.ARGUMENTS, argv))
 
 
 DPO_COMMON = ["--model_name_or_path", "tiny-random-llama", "--logging_steps", "1", "--disable_tqdm", "true",

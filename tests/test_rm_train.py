@@ -21,9 +21,8 @@ pytestmark = pytest.mark.slow
 
 def run_rm(argv: list[str]) -> dict:
     import rm_train
-    from rlhfkit.args import ModelArguments
 
-    parsed = parse_args((rm_train.ScriptArguments, ModelArguments, rm_train.RMArguments), argv)
+    parsed = parse_args(rm_train.ARGUMENTS, argv)
     return rm_train.main(*parsed)
 
 
