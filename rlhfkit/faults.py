@@ -240,8 +240,9 @@ def disk_error_message(exc: BaseException, writing: str | os.PathLike | None = N
         return None
     path = getattr(exc, "filename", None) or writing or "the output dir"
     if code in (errno.ENOSPC, errno.EDQUOT):
-        keep = (f"nothing was accepted and the last complete checkpoint in {writing} is kept: free space, then "
-                f"{RESUME_HINT}") if writing else "free space, then rerun"
+        last = _last_checkpoint(Path(writing) / "checkpoints") if writing else None
+        keep = (f"nothing was accepted; the last complete checkpoint, {last}, is kept: free space, then {RESUME_HINT}"
+                if last else "nothing was accepted and no checkpoint was complete yet: free space, then rerun")
     else:
         keep = "fix the permissions of that path or choose another --output_dir"
     return f"{path}: {_DISK_ERRNOS[code]}; {keep}"

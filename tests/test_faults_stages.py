@@ -107,6 +107,28 @@ def test_unwritable_output_dir_is_one_line(tmp_path, capsys):
     assert lines[0].startswith("error: /sys/rlhfkit-test-out.partial: operation not permitted"), lines
 
 
+def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    """A real ENOSPC: the output dir on a 3 MB tmpfs (needs root to mount; skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        train = write_jsonl(tmp_path / "train.jsonl", sentiment_pairs(32, seed=1))
+        code, err = run_in_process("rm_train", [*TINY, "--dataset_path", str(train), "--output_dir", str(disk / "rm"),
+                                                "--max_steps", "12", "--save_steps", "2", "--save_total_limit", "10",
+                                                "--reward_stats_samples", "8"], capsys)
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+        assert "no space left on device; nothing was accepted; the last complete checkpoint" in lines[0], lines
+        last = lines[0].split("the last complete checkpoint, ")[1].split(",")[0]
+        assert (Path(last) / "trainer_state.json").is_file() and not (disk / "rm").exists()
+        assert not (disk / "rm.partial" / "LOCK").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # preemption: SIGTERM mid-run, then resume, gives the uninterrupted run's weights
 # ---------------------------------------------------------------------------------------------------------------
