@@ -77,6 +77,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def fingerprint(payload: Any) -> str:
     """Short, stable content hash of JSON-serialisable data (datasets, argument sets)."""
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode("utf-8"))
@@ -415,9 +423,10 @@ class StageOutput:
             match = re.fullmatch(r"checkpoint-(\d+)", entry.name)
             if not (match and entry.is_dir()):
                 continue
-            # Trainer writes trainer_state.json after the weights and optimizer: a checkpoint without it was cut
-            # short by the kill, and resuming from it fails, so fall back to the one before
-            if (entry / "trainer_state.json").is_file():
+            # Trainer writes trainer_state.json after the weights and optimizer: a checkpoint without it (or with a
+            # torn one, e.g. the disk filled up while writing it) was cut short, and resuming from it fails, so fall
+            # back to the one before
+            if _readable_json(entry / "trainer_state.json"):
                 steps.append((int(match.group(1)), entry))
             else:
                 logger.warning("%s is incomplete (interrupted while saving); not resuming from it", entry)

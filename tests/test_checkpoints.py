@@ -56,6 +56,8 @@ def test_existing_output_needs_overwrite_and_leftover_checkpoints_need_resume(tm
     (again.checkpoints / "checkpoint-4" / "trainer_state.json").write_text("{}")
     (again.checkpoints / "checkpoint-6").mkdir(parents=True)  # cut short by a kill: no trainer_state.json
     (again.checkpoints / "checkpoint-6" / "model.safetensors").write_text("partial")
+    (again.checkpoints / "checkpoint-8").mkdir(parents=True)  # the disk filled up while writing trainer_state.json
+    (again.checkpoints / "checkpoint-8" / "trainer_state.json").write_text('{"global_step": 8, "log_hi')
     with pytest.raises(UserError, match="--resume_from_checkpoint true"):
         StageOutput(tmp_path / "other", stage="rm")
     resumed = StageOutput(tmp_path / "other", stage="rm", resume=True)
