@@ -13,8 +13,9 @@ One call per Trainer stage, right after the trainer is built:
   line naming the step, before anything is saved from the diverged weights, so the last checkpoint (which was finite)
   is what `--resume_from_checkpoint true` continues from.
 
-Custom loops (PPO) use `PreemptionGuard` directly: `guard.stop_requested()` at a step boundary, then save, then
-`guard.exit(step, checkpoint_dir)`; `check_finite(loss, step)` per update. Disk errors (ENOSPC, EACCES, EROFS) are
+Custom loops (PPO) use `PreemptionGuard` directly: `guard = PreemptionGuard.from_args(args)` before the loop,
+`guard.save_and_exit_if_requested(step, save, checkpoint_dir, device, is_main)` at the end of every step, and
+`check_finite(loss, step, checkpoints_dir)` on a loss gathered over ranks. Disk errors (ENOSPC, EACCES, EROFS) are
 turned into one line naming the path by `rlhfkit.cli.run_stage` (`disk_error_message`).
 """
 
@@ -96,6 +97,14 @@ class PreemptionGuard:
     def stop_requested(self, device=None) -> bool:
         """Whether any process was signalled; collective when torch.distributed is running (call on every rank)."""
         return bool(_any_rank([self.requested], device)[0])
+
+    def save_and_exit_if_requested(self, step: int, save, checkpoint_dir: str | os.PathLike, device=None,
+                                   main_process: bool = True) -> None:
+        """For custom loops, at the end of step `step` on every rank: if any rank was signalled, run `save()` (a
+        collective checkpoint save, e.g. `rlhfkit.ppo.save_checkpoint`) and exit with the one line."""
+        if self.stop_requested(device):
+            save()
+            self.exit(step, checkpoint_dir, main_process)
 
     def exit(self, step: int, checkpoint_dir: str | os.PathLike | None, main_process: bool = True,
              what: str | None = None, resume_hint: str = RESUME_HINT):

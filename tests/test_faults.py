@@ -349,6 +349,23 @@ def test_preemption_guard_flags_the_first_signal(tmp_path):
     assert signal.getsignal(signal.SIGUSR1) != guard._handle  # uninstalled on exit
 
 
+def test_custom_loop_saves_then_exits_when_signalled(tmp_path):
+    from rlhfkit.faults import Preempted, PreemptionGuard
+
+    saved = []
+    guard = PreemptionGuard("SIGUSR1")
+    try:
+        guard.save_and_exit_if_requested(3, lambda: saved.append(3), tmp_path / "checkpoint-3")
+        assert saved == []  # no signal: nothing happens
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        with pytest.raises(Preempted, match=r"by SIGUSR1 at step 4: checkpoint saved to .*checkpoint-4"):
+            guard.save_and_exit_if_requested(4, lambda: saved.append(4), tmp_path / "checkpoint-4")
+        assert saved == [4]
+    finally:
+        guard.uninstall()
+
+
 def test_generation_flushes_the_batch_then_stops(tmp_path):
     from generation.shards import ShardFile, read_rows
     from rlhfkit.faults import Preempted
