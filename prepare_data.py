@@ -5,11 +5,12 @@
     python prepare_data.py --shp_path shp/ --shp_max_pairs_per_prompt 3 --output_dir data/shp3
 
 Features
-  - one pure converter per source (rlhfkit/recipes.py), from the columns on its dataset card to canonical pairs
+  - one pure converter per source (rlhfkit/sources.py), from the columns on its dataset card to canonical pairs
     {"prompt", "chosen", "rejected", "source", "subset", "id"} (docs/internals.md);
   - the selection rules as flags: SHP score-ratio threshold and per-post cap, best-vs-random or all pairs for
     UltraFeedback/HelpSteer, tie handling, PKU safer/better/agree, PKU subsample size;
-  - `--recipe mixture1..mixture4`: the four published mixtures; explicit flags override a recipe's values;
+  - `--recipe mixture1..mixture4`: the four published data mixtures (rlhfkit/mixtures.py; the flag keeps its old
+    name, and is not a stage YAML of configs/recipes/); explicit flags override a mixture's values;
   - `--decontaminate_against FILE`: drops pairs whose prompt shares an n-gram of `--decontamination_ngram`
     words with an evaluation prompt (RewardBench rows or our schema);
   - `--export_lmflow true`: also writes the pairs as LMFlow {"instances": [{"positive", "negative"}]}.
@@ -23,7 +24,7 @@ Assumptions
   - Output is deterministic given `--seed`: same inputs and flags give byte-identical pairs.jsonl and manifest.json.
 
 Writes OUTPUT_DIR/ (renamed into place from OUTPUT_DIR.partial/ when complete):
-  pairs.jsonl      the dataset, sources in recipe order, rows in source order
+  pairs.jsonl      the dataset, sources in mixture order, rows in source order
   manifest.json    per source: input rows, rows dropped by each rule, candidate pairs, pairs dropped by each rule,
                    kept, and the published count to compare with; the hub revision asked for and the commit it
                    resolved to (`revisions`); any requested count the source could not fill (`shortfalls`, only
@@ -43,19 +44,15 @@ from rlhfkit.checkpoints import StageOutput, write_json_atomic
 from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.data import write_jsonl_atomic
 from rlhfkit.errors import UserError
-from rlhfkit.recipes import (
-    RECIPES,
-    SOURCES,
-    Decontaminator,
-    SelectionOptions,
-    build_source,
+from rlhfkit.decontamination import Decontaminator, load_eval_prompts
+from rlhfkit.mixtures import MIXTURES, SOURCES, SelectionOptions, resolve_options
+from rlhfkit.selection import build_source
+from rlhfkit.source_loading import (
     find_local_copy,
-    load_eval_prompts,
     load_hub,
     parse_hub_revisions,
     read_local,
     resolve_hub_revision,
-    resolve_options,
     revision_record,
 )
 
@@ -75,9 +72,11 @@ def _path_field(key: str):
 @dataclass
 class ScriptArguments:
     output_dir: str = field(default=None, metadata={"help": "Directory to write pairs.jsonl and manifest.json into."})
-    recipe: str | None = field(default=None, metadata={"help": f"Named mixture: {', '.join(RECIPES)}."})
+    recipe: str | None = field(
+        default=None, metadata={"help": f"Named data mixture (rlhfkit/mixtures.py; not a configs/recipes/ YAML): "
+                                        f"{', '.join(MIXTURES)}."})
     sources: list[str] | None = field(
-        default=None, metadata={"help": f"Sources to build (default: the recipe's, else those given a path). "
+        default=None, metadata={"help": f"Sources to build (default: the mixture's, else those given a path). "
                                         f"Names: {', '.join(SOURCES)}."})
     source_dir: str | None = field(
         default=None, metadata={"help": "Directory holding local copies named by source: <dir>/shp/, <dir>/shp.jsonl, ..."})
@@ -91,7 +90,7 @@ class ScriptArguments:
     pku_saferlhf_30k_path: list[str] | None = _path_field("pku_saferlhf_30k")
     pku_saferlhf_path: list[str] | None = _path_field("pku_saferlhf")
     lmflow_path: list[str] | None = _path_field("lmflow")
-    # selection rules: None means "the recipe's value, else the default in rlhfkit.recipes.SelectionOptions"
+    # selection rules: None means "the mixture's value, else the default in rlhfkit.mixtures.SelectionOptions"
     hh_rlhf_subsets: list[str] | None = field(
         default=None, metadata={"help": "HH-RLHF subsets (default: helpful-base helpful-online helpful-rejection-sampled)."})
     shp_min_score_ratio: float | None = field(
@@ -124,9 +123,9 @@ class ScriptArguments:
         default=13, metadata={"help": "Words in a shared n-gram that marks a training prompt as contaminated."})
     hub_revision: list[str] | None = field(
         default=None, metadata={"help": "Override a hub source's pinned revision: SOURCE=REVISION (branch, tag or "
-                                        "commit), e.g. pku_saferlhf=main. Pins: rlhfkit/recipes.py SOURCES."})
+                                        "commit), e.g. pku_saferlhf=main. Pins: rlhfkit/mixtures.py SOURCES."})
     allow_short_sources: bool = field(
-        default=False, metadata={"help": "Build even when a source holds fewer pairs than the recipe asks for "
+        default=False, metadata={"help": "Build even when a source holds fewer pairs than the mixture asks for "
                                          "(--pku_max_pairs), with a loud warning and the numbers in manifest.json."})
     export_lmflow: bool = field(default=False, metadata={"help": "Also write pairs.lmflow.json (LMFlow paired format)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a complete --output_dir."})
@@ -134,8 +133,8 @@ class ScriptArguments:
     def __post_init__(self):
         if not self.output_dir:
             raise ValueError("--output_dir is required")
-        if self.recipe is not None and self.recipe not in RECIPES:
-            raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, not '{self.recipe}'")
+        if self.recipe is not None and self.recipe not in MIXTURES:
+            raise ValueError(f"--recipe must be one of {', '.join(MIXTURES)}, not '{self.recipe}'")
         for name in self.sources or []:
             if name not in SOURCES:
                 raise ValueError(f"--sources: unknown source '{name}' (known: {', '.join(SOURCES)})")
@@ -151,7 +150,7 @@ def _sources_to_build(args: ScriptArguments) -> list[str]:
     if args.sources:
         return list(dict.fromkeys(args.sources))
     if args.recipe:
-        return list(RECIPES[args.recipe].sources)
+        return list(MIXTURES[args.recipe].sources)
     given = [key for key in SOURCES if getattr(args, f"{key}_path")]
     if not given:
         raise UserError("nothing to build: pass --recipe, --sources, or at least one --<source>_path")
@@ -186,7 +185,7 @@ def main(script_args: ScriptArguments) -> dict:
     options = resolve_options(script_args.recipe, script_args.selection_overrides())
     revisions = parse_hub_revisions(script_args.hub_revision)
     keys = _sources_to_build(script_args)
-    recipe = RECIPES.get(script_args.recipe) if script_args.recipe else None
+    mixture = MIXTURES.get(script_args.recipe) if script_args.recipe else None
     decontaminator = None
     if script_args.decontaminate_against:
         eval_prompts = []
@@ -207,11 +206,11 @@ def main(script_args: ScriptArguments) -> dict:
                                      allow_short=script_args.allow_short_sources, origin=origin)
         report.origin = origin
         report.revision = revision
-        if recipe is not None and key in recipe.published_counts:
-            report.published_count = recipe.published_counts[key]
+        if mixture is not None and key in mixture.published_counts:
+            report.published_count = mixture.published_counts[key]
             if report.input_rows < report.published_count:
                 logger.warning("%s: %d rows read, fewer than the %d pairs the published %s took from this source",
-                               key, report.input_rows, report.published_count, recipe.name)
+                               key, report.input_rows, report.published_count, mixture.name)
         report.check()
         reports[SOURCES[key].label] = report.to_dict()
         all_rows += [pair.to_row() for pair in pairs]
@@ -221,7 +220,7 @@ def main(script_args: ScriptArguments) -> dict:
 
     manifest = {
         "recipe": script_args.recipe,
-        "recipe_description": recipe.description if recipe else None,
+        "recipe_description": mixture.description if mixture else None,  # key names kept: manifests stay comparable
         "seed": script_args.seed,
         "split": script_args.split,
         "options": dataclasses.asdict(options),

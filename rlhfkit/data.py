@@ -39,7 +39,8 @@ from .errors import UserError, where
 logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
-_SUPPORTED = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+# The file suffixes every reader of data files accepts (read_records; prepare_data's source lookup).
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
 
 class RowError(Exception):
@@ -243,9 +244,9 @@ def _read_any(path: Path, split: str, skip_invalid: bool, skipped: Counter, hint
     if is_dir:
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             return _read_saved_dataset(path, split)
-        suffixes = _SUPPORTED
+        suffixes = DATA_SUFFIXES
         if (path / "run_info.json").exists():  # a stage's output dir: its .json files are metadata, not rows
-            suffixes = tuple(s for s in _SUPPORTED if not s.startswith(".json."))
+            suffixes = tuple(s for s in DATA_SUFFIXES if not s.startswith(".json."))
             suffixes = tuple(s for s in suffixes if s != ".json")
         try:
             files = sorted(p for p in path.rglob("*") if p.name.lower().endswith(suffixes)
@@ -253,7 +254,7 @@ def _read_any(path: Path, split: str, skip_invalid: bool, skipped: Counter, hint
         except OSError as exc:
             raise _os_error(path, exc) from None
         if not files:
-            raise UserError(f"{path}: directory has no {', '.join(_SUPPORTED)} files")
+            raise UserError(f"{path}: directory has no {', '.join(DATA_SUFFIXES)} files")
         rows: list[dict] = []
         for file in files:
             rows.extend(_read_any(file, split, skip_invalid, skipped, hint))
@@ -265,7 +266,7 @@ def _read_any(path: Path, split: str, skip_invalid: bool, skipped: Counter, hint
             return _read_json(path)
         if name.endswith(".parquet"):
             return _read_parquet(path)
-        raise UserError(f"{path}: unsupported file type (use {', '.join(_SUPPORTED)} or a directory)")
+        raise UserError(f"{path}: unsupported file type (use {', '.join(DATA_SUFFIXES)} or a directory)")
     text = str(path)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith("."):
         return _read_hub(text, split)
@@ -581,7 +582,7 @@ class SourceSpec:
     @property
     def name(self) -> str:
         base = Path(self.path).name
-        for suffix in _SUPPORTED:
+        for suffix in DATA_SUFFIXES:
             if base.lower().endswith(suffix):
                 return base[: -len(suffix)]
         return base

@@ -2,7 +2,8 @@
 
 Strategies (`--pair_strategy`), for one prompt with rewards r_1..r_K:
     max_min      chosen = the highest reward, rejected = the lowest (Online-RLHF / RLHFlow's choice)
-    max_random   chosen = the highest, rejected = one of the other K−1 drawn uniformly
+    max_random   chosen = the highest, rejected = one of the other K−1 drawn uniformly (`best_vs_random_other`,
+                 the draw of the mixtures' `best_vs_random` too; see there for how their tie rules differ)
     random       two distinct responses drawn uniformly; the higher-rewarded one is chosen
     best_of_k    no pairs; only the best-of-K SFT rows (rejection sampling)
 Ties: when the argmax is shared, the first response with that reward is "the highest" (deterministic), likewise
@@ -22,8 +23,6 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-from .sampling import derive_seed
 
 PAIR_STRATEGIES = ("max_min", "max_random", "random", "best_of_k")
 
@@ -57,6 +56,28 @@ def _argmin(rewards: Sequence[float]) -> int:
     return min(range(len(rewards)), key=lambda i: (rewards[i], i))
 
 
+def best_vs_random_other(scores: Sequence[float | None], rng: random.Random,
+                         strictly_worse: bool = False) -> tuple[int, int] | None:
+    """(best, other): the first response with the top score vs one drawn uniformly from the other scored ones.
+
+    None scores take no part; None with fewer than two scored responses. `strictly_worse`: draw among the responses
+    scored below the best when there are any (all equal: the draw is a tie whatever happens). A tied draw is left
+    to the caller, and the two callers treat it differently:
+      - annotate (`--pair_strategy max_random`, `build_pairs` here): a tied draw is always dropped and counted as
+        `ties`; the generator is `random.Random(derive_seed(seed, prompt id))`.
+      - the RLHFlow mixtures (`sources.pairs_best_vs_random`): `--ties drop` (the published rule) drops it, `keep`
+        keeps it, `resample` draws with `strictly_worse=True`; the generator is seeded by (seed, source, row key).
+    """
+    scored = [index for index, score in enumerate(scores) if score is not None]
+    if len(scored) < 2:
+        return None
+    best = max(scored, key=lambda index: scores[index])  # max() keeps the first of equal maxima
+    others = [index for index in scored if index != best]
+    if strictly_worse:
+        others = [index for index in others if scores[index] < scores[best]] or others
+    return best, rng.choice(others)
+
+
 def select_pair(rewards: Sequence[float], strategy: str, rng: random.Random) -> tuple[int, int] | None:
     """(chosen index, rejected index) for one prompt, before tie/margin filtering; None with < 2 responses."""
     if strategy not in PAIR_STRATEGIES or strategy == "best_of_k":
@@ -66,8 +87,7 @@ def select_pair(rewards: Sequence[float], strategy: str, rng: random.Random) -> 
     if strategy == "max_min":
         return _argmax(rewards), _argmin(rewards)
     if strategy == "max_random":
-        best = _argmax(rewards)
-        return best, rng.choice([i for i in range(len(rewards)) if i != best])
+        return best_vs_random_other(rewards, rng)
     first, second = rng.sample(range(len(rewards)), 2)
     return (first, second) if rewards[first] >= rewards[second] else (second, first)
 
@@ -89,6 +109,8 @@ def build_pairs(
     Returns (pairs in the canonical preference schema with `margin`, SFT rows `{"messages", "id", "reward"}`,
     report). `strategy == "best_of_k"` returns no pairs.
     """
+    from .sampling import derive_seed  # imports torch; prepare_data uses best_vs_random_other without it
+
     if strategy not in PAIR_STRATEGIES:
         raise ValueError(f"unknown pair strategy {strategy!r}; choose one of {', '.join(PAIR_STRATEGIES)}")
     report = PairReport()

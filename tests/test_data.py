@@ -224,9 +224,9 @@ def test_lmflow_rows_load_exactly_as_rlhfkit_lmflow_reads_them(tmp_path):
 
 def test_is_valid_prompt_is_the_turn_order_of_validate_turns():
     from rlhfkit.data import is_valid_prompt
-    from rlhfkit.recipes import is_valid_prompt as recipes_is_valid_prompt
+    from rlhfkit.sources import is_valid_prompt as sources_is_valid_prompt
 
-    assert recipes_is_valid_prompt is is_valid_prompt
+    assert sources_is_valid_prompt is is_valid_prompt
     system, user, bot = ({"role": r, "content": "x"} for r in ("system", "user", "assistant"))
     assert is_valid_prompt([system, user, bot, user]) and is_valid_prompt([{"role": "user", "content": ""}])
     for bad in ([], [system], [user, user], [user, bot], [bot, user], [user, bot, system, user],
