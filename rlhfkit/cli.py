@@ -177,19 +177,22 @@ def run_stage(main: Callable[..., Any], dataclass_types: Sequence[type], argv: S
     # transformers 5 warns on every run that TRL's configs still carry `gradient_checkpointing`; it is not actionable
     warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
     from .checkpoints import release_all, writing_dir
-    from .faults import Preempted, disk_error_message
+    from .faults import Preempted, disk_error_message, uninstall_all
 
     try:
         parsed = parse_args(dataclass_types, argv)
         main(*parsed)
     except UserError as exc:
+        uninstall_all()
         release_all(failed=True)  # bad input writes nothing: a staging dir holding only markers goes
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except Preempted as exc:  # the checkpoint is saved and the line printed; keep OUT.partial for the resume
+        uninstall_all()
         release_all(failed=False)
         sys.exit(exc.code)
     except Exception as exc:
+        uninstall_all()
         message = disk_error_message(exc, writing_dir())
         release_all(failed=True)
         if message is None:
@@ -197,6 +200,8 @@ def run_stage(main: Callable[..., Any], dataclass_types: Sequence[type], argv: S
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except BaseException:  # KeyboardInterrupt and the like: keep what was written, drop the locks
+        uninstall_all()
         release_all(failed=False)
         raise
+    uninstall_all()
     release_all(failed=False)

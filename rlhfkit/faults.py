@@ -64,6 +64,16 @@ def parse_signals(text: str | None) -> list[signal.Signals]:
     return out
 
 
+_INSTALLED: list["PreemptionGuard"] = []  # guards with live handlers, newest last (for uninstall_all)
+
+
+def uninstall_all() -> None:
+    """Restore the signal handlers of every guard still installed (a stage that ended by an exception; called by
+    `rlhfkit.cli.run_stage` whatever the outcome)."""
+    for guard in reversed(list(_INSTALLED)):
+        guard.uninstall()
+
+
 class PreemptionGuard:
     """Signal handlers that turn a preemption signal into a flag checked at step boundaries."""
 
@@ -76,6 +86,8 @@ class PreemptionGuard:
             return
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        if self._previous:
+            _INSTALLED.append(self)
 
     @classmethod
     def from_args(cls, args) -> "PreemptionGuard":
@@ -125,6 +137,8 @@ class PreemptionGuard:
             except (ValueError, TypeError):
                 pass
         self._previous = {}
+        if self in _INSTALLED:
+            _INSTALLED.remove(self)
 
 
 def _any_rank(flags: list[bool], device=None) -> list[bool]:

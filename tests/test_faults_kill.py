@@ -17,7 +17,7 @@ import pytest
 from rlhfkit.checkpoints import check_parent
 from rlhfkit.errors import UserError
 from tests.conftest import sentiment_pairs, write_jsonl
-from tests.test_faults_stages import TINY, run_in_process, weights_digest
+from tests.test_faults_stages import TINY, point_loggers_at_stderr, run_in_process, weights_digest
 
 pytestmark = pytest.mark.slow
 
@@ -221,6 +221,7 @@ def run_forked(stage: str, argv: list[str], setup, stderr_file: Path) -> int:
         code = 1
         try:
             sys.stderr = open(stderr_file, "w", buffering=1)
+            point_loggers_at_stderr()
             setup()
             from rlhfkit.cli import run_stage
             from tests.test_faults_stages import _stage

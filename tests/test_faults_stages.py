@@ -30,18 +30,23 @@ def _stage(name: str):
     return module.main, (module.ScriptArguments, ModelArguments, getattr(module, config))
 
 
-def run_in_process(name: str, argv: list[str], capsys) -> tuple[int, str]:
-    """Run a stage through its real entry point (`run_stage`) in this process; return (exit code, stderr)."""
+def point_loggers_at_stderr() -> None:
+    """Library loggers (transformers, datasets) keep the stderr of the test that first used them, which capsys has
+    closed since: point them at the current one."""
     import logging
 
-    main, types = _stage(name)
-    # library loggers (transformers, datasets) keep the stderr of the test that first used them: capsys closed it
     for logger in [logging.getLogger(), *logging.root.manager.loggerDict.values()]:
         for handler in getattr(logger, "handlers", []):
             if type(handler) is logging.StreamHandler:
                 handler.stream = sys.stderr
                 if "flush" in vars(handler):  # transformers pins `flush` to the stderr of its first use
                     handler.flush = sys.stderr.flush
+
+
+def run_in_process(name: str, argv: list[str], capsys) -> tuple[int, str]:
+    """Run a stage through its real entry point (`run_stage`) in this process; return (exit code, stderr)."""
+    main, types = _stage(name)
+    point_loggers_at_stderr()
     code = 0
     try:
         run_stage(main, types, argv)
