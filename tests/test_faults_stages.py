@@ -210,3 +210,36 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(RewardModelTrainer, "compute_loss", real_loss)
     code, err = run_in_process("rm_train", [*common, "--resume_from_checkpoint", "true"], capsys)
     assert code == 0 and (out / "run_info.json").is_file(), err[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generation: a preemption flushes the batch in progress; the rerun continues after it
+# ---------------------------------------------------------------------------------------------------------------
+def test_generation_preempted_flushes_then_resumes_to_the_same_rows(tmp_path, monkeypatch):
+    import rlhfkit.sampling as sampling
+    from generation import generate
+    from rlhfkit.faults import EXIT_PREEMPTED, Preempted
+    from tests.test_generation import PROMPTS, args_for, read
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in PROMPTS), encoding="utf-8")
+    generate.main(args_for(str(prompts), tmp_path / "full"))
+    real, calls = sampling.generate_batch, []
+
+    def preempted_during_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the batch is being generated
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate_batch", preempted_during_second_batch)
+    out = tmp_path / "preempted"
+    with pytest.raises(Preempted) as caught:
+        generate.main(args_for(str(prompts), out))
+    assert caught.value.code == EXIT_PREEMPTED and "rerun the same command" in str(caught.value)
+    shard = tmp_path / "preempted.partial" / "shard-00000-of-00001.jsonl"
+    assert len(read(shard)) == 4 and len(calls) == 2  # both batches written, no third one started
+    assert not shard.with_suffix(".lock").exists() and not out.exists()
+    monkeypatch.setattr(sampling, "generate_batch", real)
+    generate.main(args_for(str(prompts), out))
+    assert read(out / "generations.jsonl") == read(tmp_path / "full" / "generations.jsonl")
