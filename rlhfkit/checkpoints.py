@@ -164,7 +164,7 @@ class RunLock:
     """
 
     def __init__(self, path: str | os.PathLike, what: str = "run"):
-        self.path = Path(path)
+        self.path = Path(os.path.abspath(path))  # one key per file in _HELD, however the path was spelled
         self.what = what
         self._fd: int | None = None
 
@@ -188,7 +188,7 @@ class RunLock:
         """The holder record if a live process holds the lock at `path`, else None (no file, or stale)."""
         import fcntl
 
-        path = Path(path)
+        path = Path(os.path.abspath(path))
         if str(path) in _HELD:
             return None
         try:
@@ -263,7 +263,7 @@ class RunLock:
     def moved_to(self, path: Path) -> None:
         """The directory holding the lock file was renamed: follow it."""
         _HELD.pop(str(self.path), None)
-        self.path = Path(path)
+        self.path = Path(os.path.abspath(path))
         _HELD[str(self.path)] = self
 
     def release(self) -> None:
@@ -368,8 +368,8 @@ class StageOutput:
         if self.stage not in SHARED_STAGES:
             self.lock = RunLock(self.staging / LOCK_FILE, what=f"{self.stage} run")
             self.lock.acquire(takeover=resume or overwrite, stage=self.stage, takeover_hint=(
-                "pass --resume_from_checkpoint true to take over and continue it, or --overwrite_output_dir true "
-                "to start over"))
+                "pass --resume_from_checkpoint true to take over and continue it (training stages), or "
+                "--overwrite_output_dir true to start over"))
         if existed and not resume:
             if self.last_checkpoint() is not None and not overwrite:
                 raise UserError(
