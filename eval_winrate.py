@@ -241,18 +241,17 @@ def main(script_args: ScriptArguments) -> dict:
     if script_args.reward_name_or_path:
         import torch
 
-        from rlhfkit.models import ensure_pad_token, load_reward_model, load_tokenizer, resolve_model
+        from rlhfkit.scoring import RewardModelScorer
 
-        model_path, model_record = resolve_model(script_args.reward_name_or_path, role="reward model")
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[script_args.dtype]
-        tokenizer = load_tokenizer(model_path, script_args.chat_template)
-        model = load_reward_model(model_path, dtype=dtype).to(accelerator.device).eval()
-        ensure_pad_token(tokenizer, model)
-        judge = RewardModelJudge(model, tokenizer, script_args.batch_size, script_args.max_length,
-                                 script_args.tie_threshold, accelerator)
+        scorer = RewardModelScorer(script_args.reward_name_or_path, script_args.batch_size, script_args.max_length,
+                                   accelerator.device, chat_template=script_args.chat_template,
+                                   accelerator=accelerator, dtype=dtype)
+        model_record = scorer.record
+        judge = RewardModelJudge(scorer, script_args.tie_threshold)
         judge_text = f"reward model {script_args.reward_name_or_path}"
         judge_record = {"kind": "reward_model", "model": script_args.reward_name_or_path, **model_record}
-        run_info["parent"] = {"path": model_record.get("resolved_path", model_path),
+        run_info["parent"] = {"path": model_record.get("resolved_path", scorer.path),
                               "stage": model_record.get("parent_stage")}
     else:
         judge = ApiJudge(script_args.judge_api_base, script_args.judge_model, script_args.judge_template,

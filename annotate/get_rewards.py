@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from rlhfkit.generations import REWARDS_FILE, PairArguments, resolve_stage_file, write_pairs_and_stats
+from rlhfkit.generations import (GENERATIONS_FILE, REWARDS_FILE, PairArguments, annotation_outputs, resolve_stage_file,
+                                 write_pairs_and_stats)
 from rlhfkit.generations import read_generations as read_rows
 from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.errors import UserError
@@ -65,26 +66,7 @@ class ScriptArguments:
             raise ValueError("--batch_size and --chunk_size must be ≥ 1")
 
 
-class _RewardModelScorer:
-    """A reward model from disk as a labeler, placed on this process's device and sharded across processes."""
-
-    def __init__(self, path: str, args: ScriptArguments, state):
-        from rlhfkit.models import ensure_pad_token, load_reward_model, load_tokenizer, resolve_model
-
-        local, record = resolve_model(path, role="reward model")
-        self.tokenizer = load_tokenizer(local, args.chat_template)
-        self.model = load_reward_model(local).to(state.device).eval()
-        ensure_pad_token(self.tokenizer, self.model)
-        self.state, self.args = state, args
-        self.info = {"labeler": path, "kind": "reward_model", **record}
-
-    def __call__(self, prompts, responses):
-        from rlhfkit.scoring import score_conversations
-
-        conversations = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
-        accelerator = self.state if self.state.num_processes > 1 else None
-        return score_conversations(self.model, self.tokenizer, conversations, self.args.batch_size,
-                                   max_length=self.args.max_length, accelerator=accelerator)
+ARGUMENTS = (ScriptArguments, PairArguments)  # what main takes, in order (CLI, YAML, tests)
 
 
 def score_rows(rows: list[dict], labeler, chunk_size: int, show_progress: bool = True) -> list[list[float]]:
@@ -103,22 +85,25 @@ def score_rows(rows: list[dict], labeler, chunk_size: int, show_progress: bool =
     return rewards
 
 
-def main(args: ScriptArguments, pair_args: PairArguments) -> dict | None:
+def main(args: ScriptArguments, pair_args: PairArguments) -> dict:
     # ---------------------------------------------------------------- setup
     from rlhfkit.distributed import partial_state
 
     from rlhfkit.checkpoints import StageOutput, fingerprint, read_run_info
     from rlhfkit.data import write_jsonl_atomic
     from rlhfkit.labelers import load_labeler
+    from rlhfkit.scoring import RewardModelScorer
 
     state = partial_state()
     setup_logging(state.is_main_process)
-    source = resolve_stage_file(args.dataset_path, "generations.jsonl", "generation")
+    source = resolve_stage_file(args.dataset_path, GENERATIONS_FILE, "generation")
     output = StageOutput(args.output_dir, "annotate", overwrite=args.overwrite_output_dir)
 
     # ---------------------------------------------------------------- model & labeler
     if args.reward_model_path:
-        labeler = _RewardModelScorer(args.reward_model_path, args, state)
+        labeler = RewardModelScorer(args.reward_model_path, args.batch_size, args.max_length, state.device,
+                                    chat_template=args.chat_template,
+                                    accelerator=state if state.num_processes > 1 else None, progress=False)
     else:
         labeler = load_labeler(args.labeler)
     logger.info("scoring with %s", labeler.info)
@@ -133,7 +118,7 @@ def main(args: ScriptArguments, pair_args: PairArguments) -> dict | None:
     # ---------------------------------------------------------------- save
     if not state.is_main_process:
         state.wait_for_everyone()
-        return None
+        return {}  # the main process writes the outputs and returns the metrics
     annotated = [{**row, "rewards": row_rewards} for row, row_rewards in zip(rows, rewards)]
     write_jsonl_atomic(output.staging / REWARDS_FILE, annotated)
     metrics = write_pairs_and_stats(output.staging, annotated, pair_args)
@@ -144,12 +129,11 @@ def main(args: ScriptArguments, pair_args: PairArguments) -> dict | None:
         "labeler": labeler.info,
         "dataset": {"paths": [os.path.abspath(source)], "fingerprint": fingerprint([r["id"] for r in rows])},
         "reward_stats": {"mean": metrics["reward"].get("mean"), "std": metrics["reward"].get("std")},
-        "outputs": {"rewards": REWARDS_FILE, "pairs": "pairs.jsonl" if pair_args.pair_strategy != "best_of_k" else None, "sft": "sft.jsonl",
-                    "histogram": "reward_hist.png"},
+        "outputs": {"rewards": REWARDS_FILE, **annotation_outputs(pair_args.pair_strategy)},
     }
     output.finalize(run_info, metrics, to_dict(args, pair_args))
     return metrics
 
 
 if __name__ == "__main__":
-    run_stage(main, (ScriptArguments, PairArguments))
+    run_stage(main, ARGUMENTS)

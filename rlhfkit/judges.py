@@ -1,7 +1,7 @@
 """Pairwise judges for `eval_winrate.py`: which of two responses to the same prompt is better.
 
 - `RewardModelJudge`: a reward model from disk scores each response alone (prompt + response rendered with the
-  *reward model's* chat template, `rlhfkit.scoring.score_conversations`); the higher reward wins. Position plays no
+  *reward model's* chat template, `rlhfkit.scoring.RewardModelScorer`); the higher reward wins. Position plays no
   part, so one pass suffices.
 
 Both judges call two identical responses a tie without asking (an RM scoring them in different padded batches
@@ -58,27 +58,20 @@ def outcome_from_score(score: float) -> str:
 # reward-model judge
 # ---------------------------------------------------------------------------------------------------------------
 class RewardModelJudge:
-    """Higher reward wins; |r_A − r_B| ≤ `tie_threshold` is a tie (default 0: only exact equality)."""
+    """Higher reward wins; |r_A − r_B| ≤ `tie_threshold` is a tie (default 0: only exact equality).
+
+    `scorer`: a `rlhfkit.scoring.RewardModelScorer` (the one reward-model wrapper; its accelerator shards the work)."""
 
     kind = "reward_model"
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None,
-                 tie_threshold: float = 0.0, accelerator=None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.max_length = max_length
+    def __init__(self, scorer, tie_threshold: float = 0.0):
+        self.scorer = scorer
         self.tie_threshold = tie_threshold
-        self.accelerator = accelerator
 
     def judge(self, prompts: Sequence[list[dict]], responses_a: Sequence[str], responses_b: Sequence[str],
               progress: bool = True) -> list[dict]:
-        from .scoring import score_conversations
-
-        conversations = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses_a)]
-        conversations += [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses_b)]
-        scores = score_conversations(self.model, self.tokenizer, conversations, self.batch_size, self.max_length,
-                                     progress=progress, accelerator=self.accelerator)
+        # One call for both sides: the two responses to a prompt share its tokens (scored as one group).
+        scores = self.scorer(list(prompts) * 2, list(responses_a) + list(responses_b), progress=progress)
         n = len(prompts)
         results = []
         for reward_a, reward_b, response_a, response_b in zip(scores[:n], scores[n:], responses_a, responses_b):

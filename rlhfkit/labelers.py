@@ -10,7 +10,7 @@ finite float per response, higher is better. `load_labeler(spec)` accepts:
 - a built-in name: `vader` (below);
 - a reward-model directory (an `rm_train.py` output or any `*ForSequenceClassification` checkpoint): the response
   appended to its prompt as an assistant turn, rendered with the RM's own chat template, scored by
-  `rlhfkit.scoring.score_conversations`;
+  `rlhfkit.scoring.RewardModelScorer` (the one reward-model wrapper);
 - an import path `package.module:name` or `path/to/file.py:name`, naming a labeler callable, or a class / factory
   that takes no arguments and returns one. This is how a user plugs in their own AI-feedback rater.
 
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .scoring import RewardModelScorer
 
 logger = logging.getLogger(__name__)
 
@@ -71,32 +72,11 @@ class VaderLabeler:
         return [self.score(text) for text in responses]
 
 
-class RewardModelLabeler:
-    """A trained reward model as a labeler (the RM-annotation step of iterative DPO and best-of-K)."""
+class RewardModelLabeler(RewardModelScorer):
+    """A trained reward model as a labeler (the RM-annotation step of iterative DPO and best-of-K): the shared
+    `rlhfkit.scoring.RewardModelScorer`, under the labeler interface's name."""
 
     name = "reward-model"
-
-    def __init__(self, path: str, batch_size: int = 16, max_length: int | None = None, device: str | None = None):
-        from .models import ensure_pad_token, load_reward_model, load_tokenizer, resolve_model
-
-        local, record = resolve_model(path, role="reward model")
-        self.tokenizer = load_tokenizer(local)
-        self.model = load_reward_model(local)
-        ensure_pad_token(self.tokenizer, self.model)
-        if device is not None:
-            self.model.to(device)
-        self.model.eval()
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.info = {"labeler": str(path), "kind": "reward_model", **record}
-
-    def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        from .scoring import score_conversations
-
-        conversations = [list(prompt) + [{"role": "assistant", "content": response}]
-                         for prompt, response in zip(prompts, responses)]
-        return score_conversations(self.model, self.tokenizer, conversations, batch_size=self.batch_size,
-                                   max_length=self.max_length, progress=len(conversations) > 4 * self.batch_size)
 
 
 BUILTIN_LABELERS: dict[str, Callable[[], Labeler]] = {

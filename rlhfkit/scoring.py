@@ -104,3 +104,47 @@ def shard_and_gather(score_fn, items: list, accelerator=None) -> list[float]:
     for index, score in gathered:
         scores[index] = score
     return scores
+
+
+def response_conversations(prompts: list[list[dict]], responses: list[str]) -> list[list[dict]]:
+    """Each response appended to its prompt as an assistant turn: what a reward model scores."""
+    return [list(prompt) + [{"role": "assistant", "content": response}] for prompt, response in zip(prompts, responses)]
+
+
+class RewardModelScorer:
+    """A reward model from disk (a stage dir, any `*ForSequenceClassification` checkpoint or a built-in name) as a
+    scorer: `scorer(prompts, responses) -> list[float]`, each response appended to its prompt as an assistant turn,
+    rendered with the *reward model's* tokenizer and chat template and scored by `score_conversations`.
+
+    The one reward-model wrapper: `labelers.RewardModelLabeler` (an RM dir given as a labeler),
+    `annotate/get_rewards.py --reward_model_path`, `judges.RewardModelJudge` (eval_winrate.py) and PPO's
+    `ppo.ModelReward` score through it. The model is frozen (no gradients, eval mode).
+
+    `device`: where the model goes (None: where it was loaded). `accelerator`: with several processes each scores a
+    disjoint share and all receive all scores. `progress`: a progress bar (None: when there are more than four
+    batches). `model_kwargs` go to `models.load_reward_model` (e.g. `dtype`).
+    """
+
+    def __init__(self, model_path: str, batch_size: int = 16, max_length: int | None = None, device=None, *,
+                 chat_template: str | None = None, accelerator=None, progress: bool | None = None,
+                 **model_kwargs):
+        from .models import ensure_pad_token, load_reward_model, load_tokenizer, resolve_model
+
+        self.path = model_path
+        local, self.record = resolve_model(model_path, role="reward model")
+        self.tokenizer = load_tokenizer(local, chat_template)
+        self.model = load_reward_model(local, **model_kwargs)
+        ensure_pad_token(self.tokenizer, self.model)
+        if device is not None:
+            self.model.to(device)
+        self.model.requires_grad_(False).eval()
+        self.batch_size, self.max_length = batch_size, max_length
+        self.accelerator, self.progress = accelerator, progress
+        self.info = {"labeler": str(model_path), "kind": "reward_model", **self.record}
+
+    def __call__(self, prompts: list[list[dict]], responses: list[str], progress: bool | None = None) -> list[float]:
+        conversations = response_conversations(prompts, responses)
+        if progress is None:
+            progress = self.progress if self.progress is not None else len(conversations) > 4 * self.batch_size
+        return score_conversations(self.model, self.tokenizer, conversations, self.batch_size, self.max_length,
+                                   progress=progress, accelerator=self.accelerator)
