@@ -66,8 +66,9 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     import datasets
     import transformers
 
-    from rlhfkit.checkpoints import StageOutput, fingerprint, parent_from_model, parent_record, save_final_model
+    from rlhfkit.checkpoints import StageOutput, save_final_model, trainer_run_info
     from rlhfkit.data import load_train_eval
+    from rlhfkit.faults import install_fault_handlers
     from rlhfkit.models import (ensure_pad_token, load_causal_lm, load_tokenizer, match_vocabulary, peft_config,
                                 resolve_model)
 
@@ -104,9 +105,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
     # ---------------------------------------------------------------- train
     # the staging dir appears only now, so bad input above leaves nothing behind
-    stage, resume_from, final_output_dir = StageOutput.for_trainer(training_args, "dpo",
-                                                                   overwrite=model_args.overwrite_output_dir)
-    arguments = to_dict(script_args, model_args, training_args) | {"output_dir": final_output_dir}
+    stage, resume_from = StageOutput.for_trainer(training_args, "dpo", overwrite=model_args.overwrite_output_dir)
+    arguments = to_dict(script_args, model_args, training_args)
     trainer = PackedDPOTrainer(
         pairwise_forward=script_args.pairwise_forward,
         max_tokens_per_batch=script_args.max_tokens_per_batch,
@@ -128,6 +128,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     if any(too_long.values()) or any(prompt_too_long.values()):
         logger.warning("--max_length %s: pairs truncated (TRL keeps the first max_length tokens): %s; pairs dropped "
                        "(prompt alone too long): %s", training_args.max_length, too_long, prompt_too_long)
+    install_fault_handlers(trainer, training_args)  # preemption → checkpoint + exit 75; non-finite loss → stop
     if training_args.precompute_ref_log_probs and ref_model is not None:
         release_reference(trainer)
         del ref_model
@@ -140,18 +141,14 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
     # ---------------------------------------------------------------- save
     save_final_model(trainer, stage.staging, tokenizer, merge_lora=not model_args.save_adapter_only)
-    parent = parent_from_model(model_record)
     run_info = {
-        **parent_record(parent, model_args.model_name_or_path, model_record),
+        **trainer_run_info(script_args, model_args, model_record, tokenizer, pad_action, train_rows, data.report,
+                           train_pairs=len(train_rows), eval_pairs=len(eval_rows), truncated_to_max_length=too_long,
+                           dropped_prompt_too_long=prompt_too_long),
         "reference": {"requested": ref_requested, **ref_record,
                       "how": reference_how},
-        "dataset": {"paths": script_args.dataset_path, "eval_paths": script_args.eval_dataset_path,
-                    "fingerprint": fingerprint(train_rows), "report": data.report,
-                    "train_pairs": len(train_rows), "eval_pairs": len(eval_rows), "truncated_to_max_length": too_long,
-                    "dropped_prompt_too_long": prompt_too_long},
         "objective": {"loss_type": list(training_args.loss_type), "beta": training_args.beta},
         "pairwise_forward": trainer.pairwise_layout,
-        "tokenizer": {"chat_template": tokenizer.init_kwargs.get("rlhfkit_chat_template_source"), "pad": pad_action},
         "lora": {"merged": not model_args.save_adapter_only} if model_args.use_peft else None,
     }
     stage.finalize(run_info, metrics, arguments)
