@@ -97,7 +97,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     import transformers
     from datasets import Dataset
 
-    from rlhfkit.checkpoints import StageOutput, fingerprint, parent_from_model, parent_record, save_final_model
+    from rlhfkit.checkpoints import StageOutput, save_final_model, trainer_run_info
     from rlhfkit.data import load_train_eval
     from rlhfkit.faults import install_fault_handlers
     from rlhfkit.models import (ensure_pad_token, load_reward_model, load_tokenizer, peft_config, resolve_model,
@@ -135,7 +135,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
     # ---------------------------------------------------------------- train
     # the staging dir appears only now, so bad input above leaves nothing behind
-    output, resume_from, final_dir = StageOutput.for_trainer(training_args, "rm", overwrite=model_args.overwrite_output_dir)
+    output, resume_from = StageOutput.for_trainer(training_args, "rm", overwrite=model_args.overwrite_output_dir)
     trainer_cls, extra = RewardModelTrainer, {}
     pairwise = {"pairwise_forward": script_args.pairwise_forward,
                 "max_tokens_per_batch": script_args.max_tokens_per_batch}
@@ -178,13 +178,9 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     # ---------------------------------------------------------------- save
     save_final_model(trainer, output.staging, tokenizer, merge_lora=not model_args.save_adapter_only)
     args = to_dict(script_args, model_args, training_args)
-    args["output_dir"] = final_dir
     run_info = {
-        **parent_record(parent_from_model(model_record), model_args.model_name_or_path, model_record),
-        "dataset": {"paths": script_args.dataset_path, "eval_paths": script_args.eval_dataset_path,
-                    "fingerprint": fingerprint(train_rows), "report": data.report,
-                    "tokenization": {"train": train_counts, "eval": eval_counts}},
-        "tokenizer": {"chat_template": tokenizer.init_kwargs.get("rlhfkit_chat_template_source"), "pad": pad_action},
+        **trainer_run_info(script_args, model_args, model_record, tokenizer, pad_action, train_rows, data.report,
+                           tokenization={"train": train_counts, "eval": eval_counts}),
         "reward_stats": reward_stats,
         "objective": script_args.objective,
         "pairwise_forward": trainer.pairwise_layout,

@@ -71,7 +71,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     # ---------------------------------------------------------------- setup
     from trl import SFTTrainer
 
-    from rlhfkit.checkpoints import StageOutput, fingerprint, parent_from_model, parent_record, save_final_model
+    from rlhfkit.checkpoints import StageOutput, save_final_model, trainer_run_info
     from rlhfkit.data import train_eval_split
     from rlhfkit.faults import install_fault_handlers
     from rlhfkit.models import ensure_pad_token, load_causal_lm, load_tokenizer, peft_config, resolve_model
@@ -111,7 +111,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
     # ---------------------------------------------------------------- train
     # the staging dir appears only now, so bad input above leaves nothing behind
-    stage, resume_from, _ = StageOutput.for_trainer(training_args, "sft", overwrite=model_args.overwrite_output_dir)
+    stage, resume_from = StageOutput.for_trainer(training_args, "sft", overwrite=model_args.overwrite_output_dir)
     trainer = build_trainer(SFTTrainer, model, tokenizer, training_args, train_dataset, eval_dataset, lora)
     install_fault_handlers(trainer, training_args)
     # TRL drops rows left with no trained token after truncation (e.g. a prompt alone filling max_length)
@@ -132,21 +132,13 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
     # ---------------------------------------------------------------- save
     save_final_model(trainer, stage.staging, tokenizer, merge_lora=not model_args.save_adapter_only)
-    parent = parent_from_model(model_record)
     run_info = {
-        **parent_record(parent, model_args.model_name_or_path, model_record),
-        "dataset": {
-            "paths": list(script_args.dataset_path),
-            "eval_paths": list(script_args.eval_dataset_path or []),
-            "fingerprint": fingerprint(train_rows),
-            "kind": data.kind,
-            "train_rows": len(train_rows),
-            "eval_rows": len(eval_rows),
-            "report": data.report,
-            "dropped_by_max_length": dropped_by_max_length,
-        },
+        **trainer_run_info(script_args, model_args, model_record, tokenizer, pad_action, train_rows, data.report,
+                           kind=data.kind, train_rows=len(train_rows), eval_rows=len(eval_rows),
+                           dropped_by_max_length=dropped_by_max_length),
         "loss_on": loss_scope(training_args, masking),
         "assistant_mask": masking,
+        # the shared `tokenizer` block holds these two; kept under their earlier names for existing readers
         "pad_token": pad_action,
         "chat_template_source": tokenizer.init_kwargs.get("rlhfkit_chat_template_source"),
         "lora": {"merged": not model_args.save_adapter_only} if model_args.use_peft else None,

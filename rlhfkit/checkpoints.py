@@ -324,6 +324,8 @@ class StageOutput:
     """Where a stage writes. Create it before training; call `finalize` after the weights are saved.
 
     `overwrite`: replace a complete `output_dir`. `resume`: keep `output_dir.partial` and its checkpoints.
+    `output_dir` is kept as given: `finalize` writes it into args.yaml (whatever a Trainer's `output_dir` was
+    pointed at meanwhile), so the saved arguments rerun into the same place.
     """
 
     @staticmethod
@@ -345,6 +347,7 @@ class StageOutput:
                             f"{lock_path}); wait for it to finish or choose another --output_dir")
 
     def __init__(self, output_dir: str | os.PathLike, stage: str, overwrite: bool = False, resume: bool = False):
+        self.output_dir = str(output_dir)  # as the user gave it: what args.yaml records
         self.final = Path(str(output_dir).rstrip("/"))
         self.stage = stage
         self.staging = Path(str(self.final) + PARTIAL_SUFFIX)
@@ -404,15 +407,16 @@ class StageOutput:
             self.lock.release()
 
     @classmethod
-    def for_trainer(cls, training_args, stage: str, overwrite: bool = False) -> tuple["StageOutput", str | None, str]:
+    def for_trainer(cls, training_args, stage: str, overwrite: bool = False) -> tuple["StageOutput", str | None]:
         """Set up a HF-Trainer stage: staging dir, the checkpoint to resume from, Trainer checkpoints redirected into
-        `OUT.partial/checkpoints/`. Returns (output, resume_from, the final output dir as the user gave it)."""
-        final_output_dir = training_args.output_dir
-        output = cls(final_output_dir, stage, overwrite=overwrite,
+        `OUT.partial/checkpoints/` (`training_args.output_dir` points there from now on, because the Trainer writes
+        its checkpoints into it). Returns (output, resume_from); `output.output_dir` is the final output dir as the
+        user gave it, and `finalize` writes that one into args.yaml, so stages have nothing to repair."""
+        output = cls(training_args.output_dir, stage, overwrite=overwrite,
                      resume=resume_requested(training_args.resume_from_checkpoint))
         resume_from = output.resolve_resume(training_args.resume_from_checkpoint)
         training_args.output_dir = str(output.checkpoints)
-        return output, resume_from, final_output_dir
+        return output, resume_from
 
     def last_checkpoint(self) -> str | None:
         """The `checkpoint-N` with the largest N under the staging dir, as HF Trainer names them."""
@@ -446,9 +450,13 @@ class StageOutput:
         return resume_from_checkpoint
 
     def finalize(self, run_info: dict, metrics: dict | None = None, args: dict | None = None) -> Path:
-        """Write metrics.json, args.yaml and run_info.json (last), then rename staging → final. Main process only."""
+        """Write metrics.json, args.yaml and run_info.json (last), then rename staging → final. Main process only.
+
+        `args["output_dir"]`, when present, is recorded as this output's `output_dir` (see the class docstring)."""
         if _is_main_process():
             metrics = metrics or {}
+            if args is not None and "output_dir" in args:
+                args = {**args, "output_dir": self.output_dir}
             if args is not None:
                 write_text_atomic(self.staging / ARGS_FILE, yaml.safe_dump(args, sort_keys=True))
             write_json_atomic(self.staging / METRICS, metrics)
@@ -505,6 +513,24 @@ def parent_record(parent: dict | None, requested: str | None = None, resolved: d
     if requested is not None:
         record["model"] = {"requested": requested, **(resolved or {})}
     return record
+
+
+def _paths(value) -> list[str]:
+    return [value] if isinstance(value, (str, os.PathLike)) else [str(path) for path in value or []]
+
+
+def trainer_run_info(data_args, model_args, model_record: dict, tokenizer, pad_action: str, train_rows,
+                     data_report: dict, /, **dataset_extra) -> dict:
+    """The run_info.json keys every Trainer stage (rm, sft, dpo) shares, written one way: where it started
+    (`parent`, `model`: `parent_record`), what it trained on (`dataset`: paths, eval_paths, the fingerprint of the
+    training rows, the loader's report, plus the stage's own counts in `dataset_extra`) and how text became tokens
+    (`tokenizer`: the chat template's source, what was done about the pad token). Stages add their own keys."""
+    return {
+        **parent_record(parent_from_model(model_record), model_args.model_name_or_path, model_record),
+        "dataset": {"paths": _paths(data_args.dataset_path), "eval_paths": _paths(data_args.eval_dataset_path),
+                    "fingerprint": fingerprint(train_rows), "report": data_report, **dataset_extra},
+        "tokenizer": {"chat_template": tokenizer.init_kwargs.get("rlhfkit_chat_template_source"), "pad": pad_action},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
