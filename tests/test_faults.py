@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from rlhfkit.checkpoints import LOCK_FILE, RunLock, StageOutput, release_all
+from rlhfkit.checkpoints import LOCK_FILE, StageOutput, release_all
 from rlhfkit.data import load_preferences, read_records
 from rlhfkit.errors import UserError
 from rlhfkit.prompts import load_prompts
