@@ -90,7 +90,8 @@ def is_encoder(config) -> bool:
 def choose_layout(model, requested: str = "auto", quiet: bool = False) -> str:
     """The layout to use for `model`: the requested one if the model can take it, else the closest exact one.
 
-    Returns one of "prefix_shared", "packed", "padded". Every downgrade is logged once, with the reason.
+    Returns one of "prefix_shared", "packed", "varlen" (packed for flash-attention: one row, no mask), "padded".
+    Every downgrade is logged, with the reason.
     """
     if requested not in PAIRWISE_FORWARDS:
         raise ValueError(f"--pairwise_forward must be one of {', '.join(PAIRWISE_FORWARDS)}, not '{requested}'")
@@ -117,7 +118,7 @@ def _choose(config, impl: str, requested: str) -> tuple[str, str | None]:
             return "packed", "bidirectional attention: a shared prefix would see its suffixes"
         return "packed", None
     if impl in _VARLEN:
-        return "packed", None if requested != "prefix_shared" else f"{impl} takes no custom mask (varlen packing only)"
+        return "varlen", None if requested != "prefix_shared" else f"{impl} takes no custom mask (varlen packing only)"
     if impl not in _MASKABLE:
         return "padded", f"attention implementation '{impl}' cannot take a custom 4D mask"
     if requested == "auto" and model_type not in VERIFIED_DECODERS:

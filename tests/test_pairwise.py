@@ -229,7 +229,7 @@ def test_choose_layout_falls_back_with_reasons(caplog):
     assert pw.choose_layout(model, "auto") == "prefix_shared"
     assert pw.choose_layout(model, "padded") == "padded"
     model.config._attn_implementation = "flash_attention_2"
-    assert pw.choose_layout(model, "prefix_shared") == "packed"
+    assert pw.choose_layout(model, "prefix_shared") == "varlen"  # one row, positions restarting, no mask
     model.config._attn_implementation = "some_kernel"
     with caplog.at_level("INFO"):
         assert pw.choose_layout(model, "auto") == "padded"
@@ -286,3 +286,13 @@ def test_implicit_rewards_equal_padded(tiny_llama_dir):
     fast = _scores_for(model, tokenizer, encoded, 4, False, "x", _prompt_groups(conversations))
     plain = _scores_for(model, tokenizer, encoded, 4, False, "x", None, layout="padded")
     assert fast == pytest.approx(plain, abs=1e-4)
+
+
+def test_varlen_layout_is_exact_where_transformers_reads_packed_position_ids():
+    # flash-attention gets sequence boundaries from restarting position ids; transformers' SDPA mask builder does the
+    # same for a 2D-mask-free batch of one row, so the varlen layout is checked here on CPU through that path
+    model = _model("seqcls", _config("llama"))
+    sequences, _, _ = _groups(4, 2, seed=10)
+    plan = pw.plan(sequences, kind="varlen", pad_token_id=PAD)
+    with torch.no_grad():
+        assert torch.allclose(pw.sequence_rewards(model, plan), _padded_rewards(model, sequences), atol=1e-4)
