@@ -280,7 +280,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         mine = positions[accelerator.process_index * args.rollout_batch_size:][: args.rollout_batch_size]
         seeds = ppo.rollout_seeds(args.seed, step, mine)
         model.eval()
-        with unwrap_model_for_generation(model, accelerator) as generator:
+        # under --bf16 the sampler runs in the same autocast as the log-prob forwards (one distribution)
+        with unwrap_model_for_generation(model, accelerator) as generator, accelerator.autocast():
             batch = ppo.rollout(generator.policy, tokenizer, [kept_rows[i] for i in mine], [kept_ids[i] for i in mine],
                             seeds, args, stop_ids, accelerator.device)
         t1 = time.perf_counter()
@@ -290,7 +291,9 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         t2 = time.perf_counter()
         # -- advantages --
         logprobs, values = ppo.forward_rollout(model, batch, micro, args.temperature)
-        ref_logprobs = ppo.reference_logprobs(ref_model, unwrapped.policy, batch, micro, args.temperature, suppressed)
+        with accelerator.autocast():  # the frozen reference is not wrapped by accelerate; same precision as the policy
+            ref_logprobs = ppo.reference_logprobs(ref_model, unwrapped.policy, batch, micro, args.temperature,
+                                                  suppressed)
         kl = ppo.token_kl(args, logprobs, ref_logprobs, batch.mask)
         kl_coef = kl_controller.value
         advantages, returns = ppo.compute_advantages(args, scores, kl, batch.mask, values, kl_coef)
