@@ -134,6 +134,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     from rlhfkit.models import ensure_pad_token, load_causal_lm, load_tokenizer, resolve_model
     from rlhfkit.prompts import load_prompts
     from rlhfkit.sampling import render_generation_prompt, stop_token_ids
+    from rlhfkit.threads import follow as follow_thread_hint
 
     # ---------------------------------------------------------------- setup
     args = training_args
@@ -274,6 +275,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
                 reward.describe())
 
     for step in range(start_step, total_steps):
+        follow_thread_hint()  # take the cores a finished partner stage left (RLHFKIT_THREADS_FILE)
         # -- rollout --
         t0 = time.perf_counter()
         positions = ppo.prompt_positions(step, per_step, len(kept_rows), args.seed)

@@ -18,7 +18,8 @@ Features:
   recorded in run_info.json; `--checkpoint_processors false` samples softmax(logits / temperature) only, which is
   what ppo_train.py's rollouts always do. Sampling knobs (temperature, top_p) come from the flags, never from it.
 - Threads: `--num_threads` (default: torch's, i.e. OMP_NUM_THREADS or every core); a stage that runs alone
-  should use every core.
+  should use every core. With `$RLHFKIT_THREADS_FILE` set, the count written in that file is applied between
+  batches (`rlhfkit.threads`), so a stage that outlives its partner takes the freed core.
 - Prompts: message lists, prompt strings, instruction/question fields or the prompts of a preference set, from
   local files or a hub name (`rlhfkit.prompts.load_prompts`).
 - Sharding: `--local_index i --world_size n` (one process per GPU, e.g. a shell loop) writes shard i into
@@ -166,6 +167,7 @@ def main(args: ScriptArguments) -> dict | None:
     from rlhfkit.prompts import load_prompts
     from rlhfkit.sampling import (checkpoint_processor_settings, derive_seed, generate_batch,
                                   render_generation_prompt, stop_token_ids)
+    from rlhfkit.threads import follow as follow_thread_hint
 
     state = partial_state()
     setup_logging(state.is_main_process)
@@ -235,6 +237,8 @@ def main(args: ScriptArguments) -> dict | None:
     try:
         bar = tqdm(total=len(pending), desc=f"generate (shard {shard_index})", unit="prompt", disable=not pending)
         for start in range(0, len(pending), batch_size):
+            if generator is None:
+                follow_thread_hint()  # take the cores a finished partner stage left (RLHFKIT_THREADS_FILE)
             batch = pending[start : start + batch_size]
             seeds = [derive_seed(args.seed, prompts[i]["id"]) for i in batch]
             if generator is not None:

@@ -63,6 +63,8 @@ export HF_HUB_OFFLINE=1               # nothing here comes from the hub
 export TRANSFORMERS_VERBOSITY=${TRANSFORMERS_VERBOSITY:-error}
 
 mkdir -p "$OUT"
+export RLHFKIT_THREADS_FILE="$OUT/.threads"  # see wait_stages
+echo 1 > "$RLHFKIT_THREADS_FILE"
 CONFIG="POLICY=$POLICY RM_BACKBONE=$RM_BACKBONE N_TRAIN=$N_TRAIN K=$K MAX_NEW_TOKENS=$MAX_NEW_TOKENS \
 TEMPERATURE=$TEMPERATURE N_HELDOUT=$N_HELDOUT K_HELDOUT=$K_HELDOUT DPO_ITERATIONS=$DPO_ITERATIONS \
 DPO_EPOCHS=$DPO_EPOCHS DPO_LR=$DPO_LR DPO_BETA=$DPO_BETA RM_EPOCHS=$RM_EPOCHS PPO_STEPS=$PPO_STEPS SEED=$SEED \
@@ -103,9 +105,20 @@ stage_bg() {
     BG_PIDS+=("$!")
     BG_NAMES+=("$name")
 }
-# wait_stages: wait for every background stage; a failed one stops the chain with the end of its log.
+# wait_stages: wait for every background stage; a failed one stops the chain with the end of its log. As soon as
+# at most one is left, it is told (RLHFKIT_THREADS_FILE, read between steps by ppo_train.py and generate.py) to take
+# SOLO_THREADS threads: a stage that outlives its partner no longer finishes on one core.
 wait_stages() {
-    local i failed=0
+    local i failed=0 alive pid
+    while :; do
+        alive=0
+        for pid in ${BG_PIDS[@]+"${BG_PIDS[@]}"}; do
+            if kill -0 "$pid" 2>/dev/null; then alive=$(( alive + 1 )); fi
+        done
+        (( alive <= 1 )) && break
+        sleep 2
+    done
+    echo "$SOLO_THREADS" > "$RLHFKIT_THREADS_FILE"
     for i in "${!BG_PIDS[@]}"; do
         if wait "${BG_PIDS[$i]}"; then
             grep -E "^[a-z_0-9]+ [0-9]+s$" "$OUT/logs/${BG_NAMES[$i]}.log" || true
@@ -117,6 +130,7 @@ wait_stages() {
     done
     BG_PIDS=()
     BG_NAMES=()
+    echo 1 > "$RLHFKIT_THREADS_FILE"  # the next pair starts with one thread each again
     return $failed
 }
 # stage_sharded NAME CMD...: a generate.py stage as GEN_SHARDS one-thread processes (--local_index/--world_size),
