@@ -4,6 +4,7 @@ of `generation/generate.py`) on the same prompts, K samples each.
     python benchmarks/bench_generate.py                       # SmolLM2-135M-Instruct, 16 prompts × 4, 48 tokens
     python benchmarks/bench_generate.py --threads 1 --repeats 5 --variants baseline sampling
     python benchmarks/bench_generate.py --dtype bfloat16      # AMX / AVX512-BF16 CPUs
+    python benchmarks/bench_generate.py --ours_dtype bfloat16 # baseline in float32, ours (and the stage) in bfloat16
 
 baseline and sampling run in one fresh subprocess per repeat, alternating batch by batch (which one goes first
 alternates too), so a neighbour's load on a shared machine hits both alike; their ratio is the paired one (total
@@ -76,14 +77,18 @@ def worker(args) -> dict:
             metrics = generate.main(generate.ScriptArguments(
                 model_name_or_path=path, dataset_path=[args.prompts], max_prompts=args.n_prompts, output_dir=out,
                 num_samples=args.k, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, seed=0,
-                backend="hf", batch_size=args.batch_size, dtype=args.dtype, num_threads=args.threads,
+                backend="hf", batch_size=args.batch_size, dtype=args.ours_dtype or args.dtype,
+                num_threads=args.threads,
             ))
         return {"stage": {"tokens": metrics["generated_tokens"], "seconds": metrics["generation_seconds"],
                           "peak_rss_mb": _peak_rss_mb()}}
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[args.dtype]
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}
     tokenizer = load_tokenizer(path, padding_side="left")
-    model = load_causal_lm(path, dtype=dtype).eval()
+    model = load_causal_lm(path, dtype=dtypes[args.dtype]).eval()
+    ours = model
+    if args.ours_dtype and args.ours_dtype != args.dtype:
+        ours = load_causal_lm(path, dtype=dtypes[args.ours_dtype]).eval()
     stops = stop_token_ids(tokenizer, model)
     messages = [row["prompt"] for row in prompts]
     names = [name for name in ("baseline", "sampling") if name in args.variant.split(",")]
@@ -102,7 +107,7 @@ def worker(args) -> dict:
                 new = sequences[:, batch["input_ids"].shape[1]:].tolist()
                 tokens = sum(len(truncate_at_stop(row, stops)[0]) for row in new)
             else:
-                out = generate_batch(model, tokenizer, chunk, args.k, args.max_new_tokens, 1.0, 1.0, seed=start,
+                out = generate_batch(ours, tokenizer, chunk, args.k, args.max_new_tokens, 1.0, 1.0, seed=start,
                                      stop_ids=stops)
                 tokens = sum(len(sample["token_ids"]) for group in out for sample in group)
             totals[name]["seconds"] += time.perf_counter() - began
@@ -121,6 +126,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"))
+    parser.add_argument("--ours_dtype", default=None, choices=("float32", "bfloat16", "auto"),
+                        help="dtype of ours and the stage (default: --dtype); the baseline keeps --dtype")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # set in the worker subprocess
@@ -154,7 +161,8 @@ def main() -> None:
         return row["tokens"] / row["seconds"]
 
     print(f"\n{args.model}, {args.n_prompts} prompts × {args.k} samples, ≤ {args.max_new_tokens} new tokens, batches "
-          f"of {args.batch_size} prompts, {args.threads} thread(s), {args.dtype}, median of {args.repeats}")
+          f"of {args.batch_size} prompts, {args.threads} thread(s), baseline {args.dtype}, ours "
+          f"{args.ours_dtype or args.dtype}, median of {args.repeats}")
     print(f"{'variant':10s} {'new tok/s':>10s} {'ratio':>7s} {'peak RSS MB':>12s}")
     for name, rows in results.items():
         if "baseline" in results and name != "stage":  # paired: same process, same moments
