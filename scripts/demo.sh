@@ -11,7 +11,7 @@
 #
 # Usage: bash scripts/demo.sh [OUT]            (make demo; OUT defaults to runs/demo)
 # Knobs (environment): POLICY RM_BACKBONE N_TRAIN K MAX_NEW_TOKENS TEMPERATURE N_HELDOUT K_HELDOUT DPO_ITERATIONS DPO_EPOCHS DPO_LR
-#   DPO_BETA RM_EPOCHS PPO_STEPS (0 skips PPO) PPO_ESTIMATOR PPO_LR GEN_SHARDS GEN_DTYPE SEED PYTHON.
+#   DPO_BETA RM_EPOCHS PPO_STEPS (0 skips PPO) PPO_ESTIMATOR PPO_LR PPO_KL_COEF GEN_SHARDS GEN_DTYPE SEED PYTHON.
 # Two independent stages run side by side where the chain allows it (DPO and PPO; the aligned policies' samples),
 # each with one thread: on 2 cores that keeps both busy, and torch's two threads spin-wait for each other whenever
 # the cores are oversubscribed (measured here: 6x the CPU time for the same generation). The base policy's samples
@@ -54,6 +54,7 @@ fi
 # online RL: RLOO (critic-free, K samples per prompt) learns the most per CPU-second here (see the PPO stage)
 PPO_ESTIMATOR=${PPO_ESTIMATOR:-rloo}
 PPO_LR=${PPO_LR:-1e-3}
+PPO_KL_COEF=${PPO_KL_COEF:-0.05}
 HELDOUT_SEED=$((SEED + 1000))         # the same for every policy: paired samples (common random numbers)
 
 export TOKENIZERS_PARALLELISM=false
@@ -68,7 +69,7 @@ echo 1 > "$RLHFKIT_THREADS_FILE"
 CONFIG="POLICY=$POLICY RM_BACKBONE=$RM_BACKBONE N_TRAIN=$N_TRAIN K=$K MAX_NEW_TOKENS=$MAX_NEW_TOKENS \
 TEMPERATURE=$TEMPERATURE N_HELDOUT=$N_HELDOUT K_HELDOUT=$K_HELDOUT DPO_ITERATIONS=$DPO_ITERATIONS \
 DPO_EPOCHS=$DPO_EPOCHS DPO_LR=$DPO_LR DPO_BETA=$DPO_BETA RM_EPOCHS=$RM_EPOCHS PPO_STEPS=$PPO_STEPS SEED=$SEED \
-GEN_DTYPE=$GEN_DTYPE PPO_ESTIMATOR=$PPO_ESTIMATOR PPO_LR=$PPO_LR"
+GEN_DTYPE=$GEN_DTYPE PPO_ESTIMATOR=$PPO_ESTIMATOR PPO_LR=$PPO_LR PPO_KL_COEF=$PPO_KL_COEF"
 if [[ -f "$OUT/demo_config.txt" && "$(cat "$OUT/demo_config.txt")" != "$CONFIG" ]]; then
     echo "error: $OUT was made with other settings ($(cat "$OUT/demo_config.txt")); remove it or choose another OUT" >&2
     exit 2
@@ -195,7 +196,10 @@ stage vader_heldout $PYTHON annotate/get_rewards.py --dataset_path "$OUT/gen_bas
 # ---- 3. the reward model on MiniLM, and its accuracy on held-out pairs ----
 # Not overtrained: 10% of the train pairs are a validation set, evaluated every epoch, and the epoch with the lowest
 # validation loss is the RM that is kept (its train accuracy reaches 1.0 within RM_EPOCHS while the validation loss
-# turns up). The held-out pairs stay out of the selection, so rm_eval's accuracy on them is unbiased.
+# turns up). The held-out pairs stay out of the selection, so rm_eval's accuracy on them is unbiased. Measured on
+# one set of base samples: validation loss 0.67, 0.26, 0.21, 0.25 over the 4 epochs (epoch 3 kept), held-out
+# accuracy 0.694 on 98 pairs against 0.663 for the former run (all pairs, last epoch): within the ±0.09 a 98-pair
+# interval allows, so the gain is a direction, not a proof.
 OMP_NUM_THREADS=$SOLO_THREADS stage rm $PYTHON rm_train.py --model_name_or_path "$RM_BACKBONE" \
     --dataset_path "$OUT/vader_train/pairs.jsonl" "$OUT/vader_train_extra/pairs.jsonl" \
     --validation_split_percentage 10 \
@@ -213,7 +217,8 @@ stage_bg rm_eval $PYTHON eval_benchmark.py --reward_name_or_path "$OUT/rm" \
 # gives no baseline for the first steps, while RLOO's group baseline is right from step 1. Measured here (stages
 # run by hand, 2 shared cores): 16 RLOO steps against this RM took 507 s and raised the held-out VADER score from
 # 0.219 to 0.748, +0.529 [0.444, 0.614] (100 prompts × 2, paired bootstrap), at a train-time KL of ~9-13 nats per
-# response; the earlier 4-step GAE run at 1e-4 moved it by 0.010 [-0.071, 0.091]. PPO_ESTIMATOR=gae still runs it.
+# response (PPO_KL_COEF=0.2: +0.178 [0.086, 0.267] at ~3 nats, 696 s); the earlier 4-step GAE run at 1e-4 moved it
+# by 0.010 [-0.071, 0.091]. PPO_ESTIMATOR=gae still runs it.
 if (( PPO_STEPS > 0 )); then
     ppo_group=(--num_samples_per_prompt 4 --rollout_batch_size 4)
     if [[ "$PPO_ESTIMATOR" == gae || "$PPO_ESTIMATOR" == reinforce_pp ]]; then
@@ -222,7 +227,7 @@ if (( PPO_STEPS > 0 )); then
     stage_bg ppo $PYTHON ppo_train.py --model_name_or_path "$POLICY" --reward_model_path "$OUT/rm" \
         --dataset_path "$TRAIN_PROMPTS" --use_peft true --lora_r 16 --lora_alpha 32 --value_model_init policy \
         --advantage_estimator "$PPO_ESTIMATOR" "${ppo_group[@]}" --per_device_train_batch_size 8 \
-        --max_steps "$PPO_STEPS" --max_new_tokens "$MAX_NEW_TOKENS" --learning_rate "$PPO_LR" --kl_coef 0.05 \
+        --max_steps "$PPO_STEPS" --max_new_tokens "$MAX_NEW_TOKENS" --learning_rate "$PPO_LR" --kl_coef "$PPO_KL_COEF" \
         --ppo_epochs 1 --logging_steps 1 --report_to none --seed "$SEED" --output_dir "$OUT/ppo"
 fi
 
