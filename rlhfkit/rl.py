@@ -33,13 +33,16 @@ import torch.nn.functional as F
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
-class AdvantageEstimator(enum.StrEnum):
+class AdvantageEstimator(str, enum.Enum):  # enum.StrEnum needs Python 3.11; the package supports 3.10
     """The advantage estimators, with the facts the loop needs about each (what to load, how to sample)."""
 
     GAE = "gae"  # per-token rewards, a learned critic
     RLOO = "rloo"  # leave-one-out baseline over the K samples of a prompt
     GRPO = "grpo"  # group mean (and std) over the K samples of a prompt
     REINFORCE_PP = "reinforce_pp"  # discounted returns whitened over the batch
+
+    def __str__(self) -> str:
+        return self.value
 
     @classmethod
     def parse(cls, name: str | AdvantageEstimator) -> AdvantageEstimator:
