@@ -124,7 +124,10 @@ class ScriptArguments:
 # ---------------------------------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------------------------------
-def main(script_args: ScriptArguments, model_args: ModelArguments, training_args: PPOConfig) -> Path:
+ARGUMENTS = (ScriptArguments, ModelArguments, PPOConfig)  # what main takes, in order (CLI, YAML, tests)
+
+
+def main(script_args: ScriptArguments, model_args: ModelArguments, training_args: PPOConfig) -> dict:
     from rlhfkit.distributed import new_accelerator, partial_state
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
@@ -367,8 +370,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         "ignored_generation_config": ignored_generation_config,
         "kl_controller": kl_controller.state_dict(),
     }
-    final = out.finalize(run_info, metrics, to_dict(script_args, model_args, args))
-    return final
+    out.finalize(run_info, metrics, to_dict(script_args, model_args, args))
+    return metrics
 
 
 def _fingerprint(rows: list[dict]) -> str:
@@ -378,4 +381,4 @@ def _fingerprint(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    run_stage(main, (ScriptArguments, ModelArguments, PPOConfig))
+    run_stage(main, ARGUMENTS)

@@ -158,6 +158,9 @@ def _check_resumed_rows(rows: list[dict], meta: dict, assigned_ids: set[str], pa
             )
 
 
+ARGUMENTS = (ScriptArguments,)  # what main takes (CLI, YAML, tests)
+
+
 def main(args: ScriptArguments) -> dict | None:
     """Generate this process's shard; merge and finalize the output dir when every shard is done here."""
     # ---------------------------------------------------------------- setup
@@ -359,4 +362,4 @@ def _dtype(name: str):
 
 
 if __name__ == "__main__":
-    run_stage(main, (ScriptArguments,))
+    run_stage(main, ARGUMENTS)

@@ -20,11 +20,10 @@ import torch
 
 import ppo_train
 from rlhfkit import ppo
-from rlhfkit.args import ModelArguments
 from rlhfkit.cli import parse_args
 from rlhfkit.sampling import checkpoint_processor_settings, generate_batch, render_generation_prompt
 
-TYPES = (ppo_train.ScriptArguments, ModelArguments, ppo_train.PPOConfig)
+TYPES = ppo_train.ARGUMENTS
 PROMPTS = [[{"role": "user", "content": text}] for text in
            ("tell a story about the sea", "write a poem", "describe a cat", "how do birds fly")]
 REWARD_FN = f"{Path(__file__).with_name('test_ppo_train.py')}:positive_words_reward"
@@ -146,7 +145,8 @@ def ppo_run(out_dir, model, *flags, **overrides) -> Path:
     }
     argv.update({key: str(value) for key, value in overrides.items()})
     args = [item for key, value in argv.items() for item in (f"--{key}", value)] + list(flags)
-    return ppo_train.main(*parse_args(TYPES, args))
+    ppo_train.main(*parse_args(TYPES, args))
+    return Path(out_dir)
 
 
 def history(out_dir) -> list[dict]:

@@ -18,7 +18,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.tokenization import DEFAULT_CHAT_TEMPLATE
 
 ROOT = Path(__file__).resolve().parents[1]
-TYPES = (ppo_train.ScriptArguments, ModelArguments, ppo_train.PPOConfig)
+TYPES = ppo_train.ARGUMENTS
 PROMPTS = [
     "tell a story about the sea", "write a poem", "explain why the sun is warm", "give me a list",
     "describe a cat", "what is math", "how do birds fly", "say something kind",
@@ -119,7 +119,9 @@ def run(out_dir, *flags, **overrides) -> Path:
     }
     argv.update({key: str(value) for key, value in overrides.items()})
     args = [item for key, value in argv.items() for item in (f"--{key}", value)] + list(flags)
-    return ppo_train.main(*parse_args(TYPES, args))
+    metrics = ppo_train.main(*parse_args(TYPES, args))
+    assert metrics["steps"] == int(argv["max_steps"])  # main returns its metrics; the stage's dir is out_dir
+    return Path(out_dir)
 
 
 def history(out_dir) -> list[dict]:
