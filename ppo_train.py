@@ -67,6 +67,7 @@ from rlhfkit.checkpoints import StageOutput, parent_record
 from rlhfkit.checkpoints import resume_requested as checkpoint_resume_requested
 from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.errors import UserError
+from rlhfkit.faults import PreemptionGuard, check_finite
 from rlhfkit.ppo import PPOConfig
 
 logger = logging.getLogger("ppo_train")
@@ -277,6 +278,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
                 total_steps, per_step, args.num_samples_per_prompt, args.advantage_estimator, value_source,
                 reward.describe())
 
+    # preemption (SIGTERM/SIGUSR1): checkpoint at the end of the step, exit 75 (rlhfkit/faults.py)
+    guard = PreemptionGuard.from_args(args)
     for step in range(start_step, total_steps):
         follow_thread_hint()  # take the cores a finished partner stage left (RLHFKIT_THREADS_FILE)
         # -- rollout --
@@ -326,8 +329,15 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
             accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
             progress.set_postfix(reward=f"{row['reward/raw']:.3f}", kl=f"{row['kl/k1']:.3f}")
         progress.update(1)
-        if save_every and (step + 1) % save_every == 0 and step + 1 < total_steps:
+        saved = save_every and (step + 1) % save_every == 0 and step + 1 < total_steps
+        if saved:
             ppo.save_checkpoint(accelerator, out, step + 1, history, args.save_total_limit)
+        check_finite(stats.get("policy/pg_loss", 0.0), step + 1, out.checkpoints)  # diverged: stop, keep the last
+        guard.save_and_exit_if_requested(
+            step + 1, (lambda: None) if saved else
+            (lambda done=step + 1: ppo.save_checkpoint(accelerator, out, done, history, args.save_total_limit)),
+            out.checkpoints / f"checkpoint-{step + 1}", accelerator.device, accelerator.is_main_process)
+    guard.uninstall()
     progress.close()
 
     # ---------------------------------------------------------------- save

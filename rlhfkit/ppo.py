@@ -30,6 +30,7 @@ from . import rl
 from .checkpoints import StageOutput, check_parent, merge_lora_state_dict, write_json_atomic
 from .errors import UserError
 from .rl import AdvantageEstimator, RunningMoments  # noqa: F401  (the loop reaches them as ppo.*)
+from .scoring import RewardModelScorer
 
 if TYPE_CHECKING:  # for annotations only
     from .args import ModelArguments
@@ -54,6 +55,11 @@ class PPOConfig(TrainingArguments):
     """
 
     learning_rate: float = field(default=1e-6, metadata={"help": "Learning rate of the policy."})
+    preemption_signals: str = field(
+        default="SIGTERM,SIGUSR1",
+        metadata={"help": "Signals that mean 'preempted': save a checkpoint at the end of the current PPO step and "
+                  "exit 75 (resume with --resume_from_checkpoint true); 'none' keeps the default."},
+    )
     logging_steps: float = field(default=1, metadata={"help": "Log every N PPO steps."})
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N PPO steps."})
     per_device_train_batch_size: int = field(
@@ -168,24 +174,21 @@ class FunctionReward:
         return {"reward_fn": self.spec, **self.labeler.info}
 
 
-class ModelReward:
-    """A reward model scoring `prompt + [assistant: response text]` rendered with its own tokenizer and template.
+class ModelReward(RewardModelScorer):
+    """A reward model scoring `prompt + [assistant: response text]` rendered with its own tokenizer and template
+    (`rlhfkit.scoring.RewardModelScorer`, the one reward-model wrapper), plus the reward statistics PPO normalises by.
 
     Re-rendering (rather than feeding the policy's token ids) is what lets the RM have another tokenizer or chat
     template than the policy.
     """
 
     def __init__(self, path: str, model_args: ModelArguments, batch_size: int = 16, max_length: int | None = None):
-        from rlhfkit.models import ensure_pad_token, load_reward_model, load_tokenizer, model_init_kwargs
+        from rlhfkit.models import model_init_kwargs
 
-        self.path = path
-        self.info = check_parent(path, role="reward model")
-        self.tokenizer = load_tokenizer(path)
         kwargs = model_init_kwargs(model_args)
         kwargs.pop("quantization_config", None)  # the frozen RM is not trained; keep its scores exact
-        self.model = load_reward_model(path, **kwargs)
-        ensure_pad_token(self.tokenizer, self.model)
-        self.model.requires_grad_(False).eval()
+        super().__init__(path, batch_size, max_length, progress=False, **kwargs)
+        self.info = check_parent(path, role="reward model")
         run_info = self.info["run_info"] or {}
         stats = run_info.get("reward_stats")
         self.stats = None
@@ -196,13 +199,6 @@ class ModelReward:
                 raise UserError(
                     f"{path}/run_info.json: field 'reward_stats': expected {{'mean': x, 'std': y}}"
                 ) from None
-        self.batch_size, self.max_length = batch_size, max_length
-
-    def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        from rlhfkit.scoring import score_conversations
-
-        conversations = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
-        return score_conversations(self.model, self.tokenizer, conversations, self.batch_size, self.max_length)
 
     def describe(self) -> dict:
         return {"reward_model": os.path.abspath(self.path), "reward_stats": self.stats}

@@ -92,6 +92,9 @@ class ReportArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the bootstrap and of the choice of sample outputs."})
     num_examples: int = field(default=4, metadata={"help": "Sample outputs shown side by side."})
     batch_size: int = field(default=8, metadata={"help": "Batch size for reward-model scoring and KL log-probs."})
+    kl_samples_per_prompt: int = field(
+        default=0, metadata={"help": "KL to the reference from the first N samples of each prompt (0: all); the "
+                             "estimate stays unbiased (each sample is a draw from the policy), only noisier."})
     title: str = field(default="rlhfkit alignment report", metadata={"help": "Title of report.md."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing report dir."})
 
@@ -287,8 +290,10 @@ def score_generations(labeler, generations: Generations) -> list[list[float]]:
     return out
 
 
-def kl_to_reference(policy_path: str, reference_path: str, generations: Generations, batch_size: int) -> list[list[float]]:
-    """Per response: Σ_t log π(y_t|x, y_<t) − Σ_t log π_ref(y_t|x, y_<t), on the policy's own samples (k1)."""
+def kl_to_reference(policy_path: str, reference_path: str, generations: Generations, batch_size: int,
+                    samples_per_prompt: int = 0) -> list[list[float]]:
+    """Per response: Σ_t log π(y_t|x, y_<t) − Σ_t log π_ref(y_t|x, y_<t), on the policy's own samples (k1); with
+    `samples_per_prompt`, on each prompt's first N samples only."""
     from .logprobs import implicit_rewards
     from .models import ensure_pad_token, load_causal_lm, load_tokenizer, resolve_model
 
@@ -300,6 +305,7 @@ def kl_to_reference(policy_path: str, reference_path: str, generations: Generati
     ensure_pad_token(tokenizer)
     conversations, shape = [], []
     for prompt, responses in zip(generations.prompts, generations.responses):
+        responses = responses[:samples_per_prompt] if samples_per_prompt else responses
         conversations += [list(prompt) + [{"role": "assistant", "content": text}] for text in responses]
         shape.append(len(responses))
     flat = implicit_rewards(policy, reference, tokenizer, conversations, batch_size=batch_size, progress=True)
@@ -623,7 +629,7 @@ def main(args: ReportArguments) -> dict:
     by_name = {g.name: g for g in generations}
     for name, path in policy_models.items():
         logger.info("KL of %s to %s on its %s samples", name, args.reference_model, by_name[name].path)
-        kl = kl_to_reference(path, args.reference_model, by_name[name], args.batch_size)
+        kl = kl_to_reference(path, args.reference_model, by_name[name], args.batch_size, args.kl_samples_per_prompt)
         means = per_prompt_means(by_name[name].ids, kl)
         summary["policies"][name]["metrics"]["kl"] = {
             "mean": bootstrap_mean_ci(means.values(), args.confidence, args.bootstrap_samples, args.seed).to_dict()

@@ -435,3 +435,40 @@ def test_prompt_order_is_a_function_of_the_step():
     assert ppo.prompt_positions(5, 4, 12, seed=7) == ppo.prompt_positions(5, 4, 12, seed=7)
     assert ppo.prompt_positions(3, 4, 12, seed=7) != ppo.prompt_positions(0, 4, 12, seed=7)
     assert len(ppo.prompt_positions(0, 5, 3, seed=0)) == 5  # fewer prompts than a step needs: wraps
+
+
+_CALLS = {"n": 0}
+
+
+def preempting_reward(prompts, responses):
+    """positive_words_reward, and a SIGTERM to this very process on the 3rd call (step 3's scoring), as a cluster's
+    preemption would send it mid-step."""
+    import os
+    import signal
+
+    _CALLS["n"] += 1
+    if _CALLS["n"] == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return positive_words_reward(prompts, responses)
+
+
+def test_sigterm_checkpoints_the_step_and_resumes_to_the_same_weights(workdir, prompts_file, capsys):
+    from safetensors.torch import load_file
+
+    from rlhfkit.faults import Preempted
+
+    common = {"dataset_path": prompts_file, "max_steps": "5", "save_strategy": "steps", "save_steps": "100"}
+    straight = run(workdir / "straight", reward_fn=REWARD_FN, **common)
+    out = workdir / "preempted"
+    _CALLS["n"] = 0
+    with pytest.raises(Preempted):
+        run(out, reward_fn=f"{__file__}:preempting_reward", **common)
+    err = capsys.readouterr().err
+    line = [text for text in err.splitlines() if text.startswith("preempted:")]
+    assert len(line) == 1 and "at step 3: checkpoint saved to" in line[0], err[-2000:]
+    checkpoints = Path(f"{out}.partial") / "checkpoints"
+    assert (checkpoints / "checkpoint-3").is_dir() and not out.exists()
+    run(out, "--resume_from_checkpoint", "true", reward_fn=REWARD_FN, **common)
+    assert [row["step"] for row in history(out)] == [1, 2, 3, 4, 5]
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
