@@ -37,10 +37,7 @@ class PackedPreferenceCollator:
     max_tokens_per_batch: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        chunks = pw.split_by_tokens(examples, self.max_tokens_per_batch, self.kind)
-        if len(chunks) == 1:
-            return self.collate(examples)
-        return {"pw_chunks": [self.collate(chunk) for chunk in chunks], "pw_pairs": torch.tensor(len(examples))}
+        return pw.collate_chunks(examples, self.max_tokens_per_batch, self.kind, self.collate)
 
     def truncate(self, prompt: list[int], completion: list[int]) -> tuple[list[int], int]:
         sequence = prompt + completion

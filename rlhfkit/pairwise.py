@@ -558,6 +558,15 @@ def split_by_tokens(examples: list[dict], budget: int | None, kind: str) -> list
     return chunks
 
 
+def collate_chunks(examples: list[dict], budget: int | None, kind: str, collate) -> dict:
+    """A collator's output: `collate(examples)`, or with a token budget one `collate(run)` per micro-batch under
+    `pw_chunks` (what `run_chunks` / `predict_chunks` consume)."""
+    chunks = split_by_tokens(examples, budget, kind)
+    if len(chunks) == 1:
+        return collate(examples)
+    return {"pw_chunks": [collate(chunk) for chunk in chunks], "pw_pairs": torch.tensor(len(examples))}
+
+
 def _pairs_in(chunk: dict) -> int:
     return int(chunk["pw_last_index"].numel()) // 2
 

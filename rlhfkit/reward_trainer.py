@@ -52,10 +52,7 @@ class PackedPairCollator:
     max_tokens_per_batch: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        chunks = pw.split_by_tokens(examples, self.max_tokens_per_batch, self.kind)
-        if len(chunks) == 1:
-            return self._collate(examples)
-        return {"pw_chunks": [self._collate(chunk) for chunk in chunks], "pw_pairs": torch.tensor(len(examples))}
+        return pw.collate_chunks(examples, self.max_tokens_per_batch, self.kind, self._collate)
 
     def _collate(self, examples):
         sequences = [ids for e in examples for ids in (e["chosen_ids"], e["rejected_ids"])]
