@@ -142,7 +142,7 @@ def main(script_args: ScriptArguments) -> dict:
 
     from rlhfkit import rewardbench2 as rb2
     from rlhfkit import rm_diagnostics
-    from rlhfkit.data import read_records
+    from rlhfkit.files import read_records
     from rlhfkit.distributed import new_accelerator
     from rlhfkit.models import (ensure_pad_token, load_causal_lm, load_reward_model, load_tokenizer, match_vocabulary,
                                 resolve_model)

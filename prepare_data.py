@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from rlhfkit.builtin_models import sha256_file
 from rlhfkit.checkpoints import StageOutput, write_json_atomic
 from rlhfkit.cli import run_stage, setup_logging, to_dict
-from rlhfkit.data import write_jsonl_atomic
+from rlhfkit.files import write_jsonl_atomic
 from rlhfkit.errors import UserError
 from rlhfkit.decontamination import Decontaminator, load_eval_prompts
 from rlhfkit.mixtures import MIXTURES, SOURCES, SelectionOptions, resolve_options

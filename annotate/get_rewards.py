@@ -90,7 +90,7 @@ def main(args: ScriptArguments, pair_args: PairArguments) -> dict:
     from rlhfkit.distributed import partial_state
 
     from rlhfkit.checkpoints import StageOutput, fingerprint, read_run_info
-    from rlhfkit.data import write_jsonl_atomic
+    from rlhfkit.files import write_jsonl_atomic
     from rlhfkit.labelers import load_labeler
     from rlhfkit.scoring import RewardModelScorer
 

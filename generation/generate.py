@@ -307,7 +307,7 @@ def main(args: ScriptArguments) -> dict | None:
 
 def finalize(output: StageOutput, world_size: int, expected_ids: list[str] | None) -> dict:
     """Merge the shards in `output.staging` into generations.jsonl and complete the stage (shared with merge_data)."""
-    from rlhfkit.data import write_jsonl_atomic
+    from rlhfkit.files import write_jsonl_atomic
 
     rows, done = shards.merge_shards(output.staging, world_size, expected_ids)
     if len({d["prompt_fingerprint"] for d in done}) != 1:

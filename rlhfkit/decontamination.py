@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .data import read_records
+from .files import read_records
 from .errors import UserError, where
 from .source_loading import data_files
 from .sources import required_field

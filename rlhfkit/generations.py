@@ -116,7 +116,7 @@ class GenerationRows(list):
 def read_generations(path: str | os.PathLike, need_rewards: bool = False) -> GenerationRows:
     """The validated rows of a generations.jsonl or rewards.jsonl file (`need_rewards`: the latter), or of the
     stage dir holding it; one-line errors naming file, row and field."""
-    from .data import read_records
+    from .files import read_records
 
     path = resolve_stage_file(path, REWARDS_FILE if need_rewards else GENERATIONS_FILE,
                               "annotation" if need_rewards else "generation")
@@ -181,7 +181,7 @@ def save_histogram(path: Path, rewards: list[float], chosen: list[float], reject
 
 def write_pairs_and_stats(directory: Path, rows: list[dict], args: PairArguments) -> dict:
     """Write pairs.jsonl (unless best_of_k), sft.jsonl and reward_hist.png into `directory`; return metrics."""
-    from .data import write_jsonl_atomic
+    from .files import write_jsonl_atomic
     from .pairs import build_pairs, reward_statistics
 
     pairs, sft, report = build_pairs(rows, args.pair_strategy, args.min_margin, args.pair_seed)

@@ -161,7 +161,7 @@ def convert_file(kind: str, direction: str, source: str, target: str) -> int:
 
 
 def _read_any(path: str) -> list[dict]:
-    from .data import read_records
+    from .files import read_records
 
     return read_records(path)
 

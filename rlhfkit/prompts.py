@@ -1,7 +1,7 @@
 """Prompt sets: the input of `generation/generate.py` and `ppo_train.py`.
 
 `load_prompts` returns canonical prompt rows `{"id": str, "prompt": [messages ending with a user turn]}` from, per
-row of each source (a local file or directory that `rlhfkit.data.read_records` reads, or a hub dataset name):
+row of each source (a local file or directory that `rlhfkit.files.read_records` reads, or a hub dataset name):
 
     messages / prompt: a message list   a trailing assistant turn (the dataset's answer) is dropped
     prompt: a string                    one user turn (an optional `system` string field becomes a system turn)

@@ -243,7 +243,7 @@ def load_rewardbench_rows(paths: Sequence[str], split: str = "train", skip_inval
     `skip_invalid` turns into a counted skip; `flags(row) -> Counter` adds to the report (default `row_flags`)."""
     from pathlib import Path
 
-    from .data import read_records
+    from .files import read_records
 
     rows: list[dict] = []
     report: dict[str, dict] = {}

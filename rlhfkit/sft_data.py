@@ -108,7 +108,7 @@ def _conversation_problem(messages: list[dict]) -> str | None:
 
 
 def _lmflow(row: dict, path: str, index: int) -> tuple[str, dict] | str:
-    """An LMFlow instance (rlhfkit.data.read_records tags it with the file's `type`)."""
+    """An LMFlow instance (rlhfkit.files.read_records tags it with the file's `type`)."""
     kind = row["_lmflow_type"]
     if kind == "text_only":
         return convert_row({"text": row.get("text")}, path, index)

@@ -1,7 +1,7 @@
 """Reading a public source: a local copy with the hub's column names (file or directory), or the hub itself at the
 source's pinned revision (`rlhfkit.mixtures.SOURCES`); the revision record that manifest.json keeps.
 
-Files are read by `rlhfkit.data.read_records` (the one reader of data files) and recognised by its
+Files are read by `rlhfkit.files.read_records` (the one reader of data files) and recognised by its
 `DATA_SUFFIXES`. Rows come back as `sources.Record`s: the row, where it came from, and its stable key.
 """
 
@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from .data import DATA_SUFFIXES, read_records
+from .files import DATA_SUFFIXES, read_records
 from .errors import UserError
 from .mixtures import SOURCES, SelectionOptions
 from .sources import Record

@@ -199,7 +199,7 @@ def test_directory_reader_names_the_damaged_member(tmp_path):
 
 
 def test_file_vanishing_while_a_directory_is_read(tmp_path, monkeypatch):
-    import rlhfkit.data as data
+    import rlhfkit.files as data  # the reader lives in rlhfkit.files
 
     folder = tmp_path / "dir"
     folder.mkdir()
@@ -218,7 +218,7 @@ def test_file_vanishing_while_a_directory_is_read(tmp_path, monkeypatch):
 
 
 def test_read_error_mid_file_names_the_row(tmp_path, monkeypatch):
-    import rlhfkit.data as data
+    import rlhfkit.files as data  # the reader lives in rlhfkit.files
 
     path = tmp_path / "p.jsonl"
     path.write_bytes(_lines(_pair(1), _pair(2)))
