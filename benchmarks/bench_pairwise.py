@@ -242,7 +242,9 @@ def annotate_worker(args, path, rows, tokenizer) -> dict:
             conversations.append(row["prompt"] + response)
     sequences = encode_conversations(tokenizer, conversations, args.max_length)
     groups = prompt_groups(conversations)
+    # the baseline is the per-response path as it was: every response its own row, batches sorted by length
     layout = "padded" if args.variant == "baseline" else "auto"
+    groups = None if args.variant == "baseline" else groups
     kind = choose_layout(model, layout, quiet=True)
     counter = Counter(lambda batch: batch, model, training=False, lm_head=False)
     for _, plan in batched_plans(sequences, groups, args.batch_size, kind, tokenizer.pad_token_id):
