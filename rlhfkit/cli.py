@@ -146,6 +146,16 @@ def setup_logging(main_process: bool = True) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # load reports ("layers were not sharded", "score.weight MISSING" for a new reward head) are expected here
     logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
+    logging.getLogger("transformers.distributed.tensor_parallel").setLevel(logging.ERROR)
+    # transformers' own handler keeps the stderr of the moment it was made (a closed one, for a stage run twice in
+    # one process under captured output): route its records through the root handler made just above instead
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
+    except ImportError:
+        pass
 
 
 def require(module: str, feature: str, extra: str | None = None) -> None:
