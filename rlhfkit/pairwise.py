@@ -203,6 +203,12 @@ def common_prefix_length(sequences: list[list[int]]) -> int:
     return n
 
 
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """The prefix a group shares in the layout: the longest common prefix, capped so that every member keeps at
+    least one token of its own (its reward is read there)."""
+    return min(common_prefix_length(sequences), min(len(s) for s in sequences) - 1)
+
+
 def plan(sequences: list[list[int]], groups: list[list[int]] | None = None, *, kind: str = "prefix_shared",
          pad_token_id: int = 0, score_from: list[int] | None = None, position_offset: int = 0,
          row_tokens: int | None = None) -> Plan:
@@ -235,7 +241,7 @@ def plan(sequences: list[list[int]], groups: list[list[int]] | None = None, *, k
         seqs = [sequences[i] for i in members]
         shared = 0
         if kind == "prefix_shared" and len(members) > 1:
-            shared = min(common_prefix_length(seqs), min(len(s) for s in seqs) - 1)
+            shared = shared_prefix_length(seqs)
         blocks.append((members, shared, shared + sum(len(s) - shared for s in seqs)))
     # --- rows
     if kind == "padded":
@@ -351,9 +357,9 @@ def model_inputs(model, plan_: Plan, causal: bool = True) -> dict:
         kwargs["token_type_ids"] = torch.zeros_like(plan_.input_ids)  # the buffered default is only max_positions long
 
     def build(w):
-        allowed = attention_allowed(plan_.segment, plan_.branch, plan_.position_ids, causal, w)
-        if impl == "flex_attention":
+        if impl == "flex_attention":  # the BlockMask applies the same rule; no dense mask needed
             return flex_block_mask(plan_, causal, w)
+        allowed = attention_allowed(plan_.segment, plan_.branch, plan_.position_ids, causal, w)
         if impl == "eager":
             dtype = next(_unwrap(model).parameters()).dtype
             return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
@@ -537,7 +543,7 @@ def pair_cost(example: dict, kind: str) -> int:
         prompt, chosen, rejected = (len(example[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
         return (prompt if kind == "prefix_shared" else 2 * prompt) + chosen + rejected
     chosen, rejected = example["chosen_ids"], example["rejected_ids"]
-    shared = min(common_prefix_length([chosen, rejected]), min(len(chosen), len(rejected)) - 1)
+    shared = shared_prefix_length([chosen, rejected])
     return len(chosen) + len(rejected) - (shared if kind == "prefix_shared" else 0)
 
 
