@@ -36,7 +36,7 @@ from trl import DPOConfig
 
 from rlhfkit.args import ModelArguments, DataArguments, PairwiseArguments, TrainingDefaults
 from rlhfkit.cli import run_stage, setup_logging, to_dict
-from rlhfkit.dpo_trainer import PackedDPOTrainer
+from rlhfkit.train.dpo_trainer import PackedDPOTrainer
 from rlhfkit.errors import UserError
 
 logger = logging.getLogger("dpo_train")

@@ -99,8 +99,8 @@ def _write(record_dir: Path, name: str, text: str) -> None:
 
 def detect_benchmark(records: list[dict]) -> str:
     """v2, v1 or pairs, from the first rows (see --benchmark)."""
-    from rlhfkit.rewardbench import is_rewardbench
-    from rlhfkit.rewardbench2 import is_v2_record
+    from rlhfkit.eval.rewardbench import is_rewardbench
+    from rlhfkit.eval.rewardbench2 import is_v2_record
 
     sample = records[:100]
     if sample and all(is_v2_record(r) for r in sample):
@@ -140,13 +140,13 @@ def main(script_args: ScriptArguments) -> dict:
     import torch
     import yaml
 
-    from rlhfkit import rewardbench2 as rb2
-    from rlhfkit import rm_diagnostics
+    from rlhfkit.eval import rewardbench2 as rb2
+    from rlhfkit.eval import diagnostics as rm_diagnostics
     from rlhfkit.files import read_records
     from rlhfkit.distributed import new_accelerator
     from rlhfkit.models import (ensure_pad_token, load_causal_lm, load_reward_model, load_tokenizer, match_vocabulary,
                                 resolve_model)
-    from rlhfkit.rewardbench import (DPO_MAX_PROMPT_LENGTH, RM_TRUNCATION_SIDE, TruncationPlan, dpo_sequence_scores,
+    from rlhfkit.eval.rewardbench import (DPO_MAX_PROMPT_LENGTH, RM_TRUNCATION_SIDE, TruncationPlan, dpo_sequence_scores,
                                      dpo_tokenize_pair, format_table, is_correct, is_rewardbench,
                                      load_rewardbench_rows, model_position_limit, rewardbench_summary,
                                      subset_accuracies)
@@ -387,7 +387,7 @@ def main(script_args: ScriptArguments) -> dict:
     if diagnostic_lines:
         table += "\n" + "\n".join(diagnostic_lines)
     if script_args.calibration and accelerator.is_main_process and chosen_scores:
-        from rlhfkit.calibration import calibration_report
+        from rlhfkit.eval.calibration import calibration_report
 
         results["calibration"] = calibration_report(chosen_scores, rejected_scores, pair_sources,
                                                     script_args.record_dir)

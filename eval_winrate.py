@@ -225,7 +225,7 @@ def main(script_args: ScriptArguments) -> dict:
     from rlhfkit.distributed import new_accelerator
 
     from rlhfkit.checkpoints import StageOutput, write_json_atomic, write_text_atomic
-    from rlhfkit.judges import ApiJudge, RewardModelJudge
+    from rlhfkit.eval.judges import ApiJudge, RewardModelJudge
 
     for flag in ("responses_a", "responses_b", "output_dir"):
         if not getattr(script_args, flag):

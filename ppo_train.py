@@ -10,7 +10,7 @@ reward; OpenRLHF needs Ray and its own launcher. So the loop is written here on 
 functions in `rlhfkit/rl.py` (tested against hand-computed values), and reuses TRL only for gathering ZeRO-3
 weights once per rollout (`unwrap_model_for_generation`) and for preparing frozen models under DeepSpeed.
 
-One PPO step (all in `rlhfkit.ppo`, which also owns `PPOConfig`):
+One PPO step (all in `rlhfkit.rl.ppo`, which also owns `PPOConfig`):
     rollout() → score() → forward_rollout() / reference_logprobs() → compute_advantages() → ppo_update()
 - rollout: batched HF `generate` with the stop rules of `generation/` (`rlhfkit.sampling`: EOS plus the chat
   template's end-of-turn token), per-sample seeds derived from (seed, step, prompt position), so a resumed run draws
@@ -61,14 +61,14 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit import ppo
+from rlhfkit.rl import ppo
 from rlhfkit.args import ModelArguments
 from rlhfkit.checkpoints import StageOutput, parent_record
 from rlhfkit.checkpoints import resume_requested as checkpoint_resume_requested
 from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.errors import UserError
 from rlhfkit.faults import PreemptionGuard, check_finite
-from rlhfkit.ppo import PPOConfig
+from rlhfkit.rl.ppo import PPOConfig
 
 logger = logging.getLogger("ppo_train")
 

@@ -44,10 +44,10 @@ from rlhfkit.checkpoints import StageOutput, write_json_atomic
 from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.files import write_jsonl_atomic
 from rlhfkit.errors import UserError
-from rlhfkit.decontamination import Decontaminator, load_eval_prompts
-from rlhfkit.mixtures import MIXTURES, SOURCES, SelectionOptions, resolve_options
-from rlhfkit.selection import build_source
-from rlhfkit.source_loading import (
+from rlhfkit.mixtures.decontamination import Decontaminator, load_eval_prompts
+from rlhfkit.mixtures.catalog import MIXTURES, SOURCES, SelectionOptions, resolve_options
+from rlhfkit.mixtures.selection import build_source
+from rlhfkit.mixtures.loading import (
     find_local_copy,
     load_hub,
     parse_hub_revisions,
@@ -90,7 +90,7 @@ class ScriptArguments:
     pku_saferlhf_30k_path: list[str] | None = _path_field("pku_saferlhf_30k")
     pku_saferlhf_path: list[str] | None = _path_field("pku_saferlhf")
     lmflow_path: list[str] | None = _path_field("lmflow")
-    # selection rules: None means "the mixture's value, else the default in rlhfkit.mixtures.SelectionOptions"
+    # selection rules: None means "the mixture's value, else the default in rlhfkit.mixtures.catalog.SelectionOptions"
     hh_rlhf_subsets: list[str] | None = field(
         default=None, metadata={"help": "HH-RLHF subsets (default: helpful-base helpful-online helpful-rejection-sampled)."})
     shp_min_score_ratio: float | None = field(
@@ -255,7 +255,7 @@ def main(script_args: ScriptArguments) -> dict:
     staging = output.staging
     write_jsonl_atomic(staging / PAIRS_FILE, all_rows)
     if script_args.export_lmflow:
-        from rlhfkit.lmflow import export_pairs
+        from rlhfkit.mixtures.lmflow import export_pairs
 
         export_pairs(all_rows, staging / LMFLOW_FILE)
         manifest["files"]["lmflow"] = LMFLOW_FILE

@@ -102,7 +102,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     from rlhfkit.faults import install_fault_handlers
     from rlhfkit.models import (ensure_pad_token, load_reward_model, load_tokenizer, peft_config, resolve_model,
                                 reward_head_names)
-    from rlhfkit.reward_trainer import RewardModelTrainer
+    from rlhfkit.train.reward_trainer import RewardModelTrainer
 
     StageOutput.check_free(training_args.output_dir, model_args.overwrite_output_dir)
     setup_logging(training_args.process_index == 0)
@@ -144,7 +144,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         if script_args.pairwise_forward not in ("auto", "padded"):
             logger.info("--objective %s runs the padded pairwise forward", script_args.objective)
         pairwise = {"pairwise_forward": "padded", "max_tokens_per_batch": None}
-        from rlhfkit.more import trainer_class
+        from rlhfkit.train.more import trainer_class
 
         trainer_cls = trainer_class(script_args.objective)
         extra = {"alpha": script_args.alpha, "normalize": script_args.normalize, "source_names": list(source_index),

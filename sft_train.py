@@ -4,12 +4,12 @@
         --output_dir runs/sft [--config configs/recipes/sft/<recipe>.yaml]
 
 Features
-- Data (rlhfkit.sft_data): message lists, prompt/completion, ShareGPT, canonical preference pairs and raw HH-RLHF
+- Data (rlhfkit.train.sft_data): message lists, prompt/completion, ShareGPT, canonical preference pairs and raw HH-RLHF
   dialogues (the chosen side), plain text, LMFlow `text_only`/`text2text` files, and `--text_template` for
   question/answer rows ("Question: {question}\\n\\nAnswer: {response}"); `path:N` / `path:0.25` subsamples a source.
 - Loss on assistant tokens only by default (`--assistant_only_loss`): by the template's `{% generation %}` markers
   (or TRL's patched copy of a known template), else by rendering each conversation turn by turn and training the
-  tokens each assistant turn adds (rlhfkit.sft_data.assistant_token_mask, as open-instruct does);
+  tokens each assistant turn adds (rlhfkit.train.sft_data.assistant_token_mask, as open-instruct does);
   with `--text_template` the same flag puts the loss on the last field only; plain text trains on every token.
 - `--packing`, `--max_length`, `--gradient_checkpointing`, LoRA (`--use_peft`) and QLoRA (`--load_in_4bit`, needs
   bitsandbytes and a CUDA GPU), `--chat_template` for tokenizers without one.
@@ -75,7 +75,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     from rlhfkit.data import train_eval_split
     from rlhfkit.faults import install_fault_handlers
     from rlhfkit.models import ensure_pad_token, load_causal_lm, load_tokenizer, peft_config, resolve_model
-    from rlhfkit.sft_data import load_sft
+    from rlhfkit.train.sft_data import load_sft
 
     StageOutput.check_free(training_args.output_dir, model_args.overwrite_output_dir)
     arguments = to_dict(script_args, model_args, training_args)
@@ -152,7 +152,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
 
 GENERATION_MARKERS = "generation markers"  # TRL masks by the template's {% generation %} (or its patched copy)
-INCREMENTAL_RENDER = "incremental render"  # we tokenise, masking what each assistant turn adds (rlhfkit.sft_data)
+INCREMENTAL_RENDER = "incremental render"  # we tokenise, masking what each assistant turn adds (rlhfkit.train.sft_data)
 
 
 def configure_loss_masking(training_args: SFTArguments, kind: str, tokenizer) -> str | None:
@@ -194,7 +194,7 @@ def sft_dataset(rows: list[dict], tokenizer, masking: str | None):
     INCREMENTAL_RENDER (the one-line error comes from here where the template cannot be rendered turn by turn)."""
     import datasets
 
-    from rlhfkit.sft_data import tokenize_assistant_only
+    from rlhfkit.train.sft_data import tokenize_assistant_only
 
     if masking == INCREMENTAL_RENDER:
         rows = tokenize_assistant_only(rows, tokenizer)

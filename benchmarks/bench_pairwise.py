@@ -178,7 +178,7 @@ def rm_trainer(args, model, tokenizer, rows):
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from rlhfkit.reward_trainer import RewardModelTrainer
+    from rlhfkit.train.reward_trainer import RewardModelTrainer
     from rlhfkit.tokenization import tokenize_pair
 
     config = _training_config(RewardConfig, args)
@@ -203,7 +203,7 @@ def dpo_trainer(args, model, tokenizer, rows):
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     from rlhfkit import pairwise as pw
-    from rlhfkit.dpo_trainer import PackedDPOTrainer, PackedPreferenceCollator
+    from rlhfkit.train.dpo_trainer import PackedDPOTrainer, PackedPreferenceCollator
 
     config = _training_config(DPOConfig, args, precompute_ref_log_probs=True)
     dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 @dataclass
 class DataArguments:
     """Where training data comes from (rm_train.py, dpo_train.py: preference pairs via `rlhfkit.data`; sft_train.py:
-    SFT rows via `rlhfkit.sft_data`), and how a held-out split is made."""
+    SFT rows via `rlhfkit.train.sft_data`), and how a held-out split is made."""
 
     dataset_path: list[str] = field(
         default=None,

@@ -107,7 +107,7 @@ def split_shared_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# LMFlow dialogue text (the one parser; rlhfkit.lmflow writes files with the same tags)
+# LMFlow dialogue text (the one parser; rlhfkit.mixtures.lmflow writes files with the same tags)
 # ---------------------------------------------------------------------------------------------------------------
 LMFLOW_ROLE_TAGS = {"system": "###System:", "user": "###Human:", "assistant": "###Assistant:"}
 _LMFLOW_TAG_ROLES = {tag: role for role, tag in LMFLOW_ROLE_TAGS.items()}
@@ -118,7 +118,7 @@ def parse_lmflow_text(text: str, field_name: str = "text") -> list[dict]:
     """Messages of an LMFlow dialogue "###Human: <user>###Assistant: <assistant>…" (optionally "###System: …" first).
 
     Exact: a message's content is the text after its tag minus exactly one space, so writing "<tag> " + content
-    (`rlhfkit.lmflow.render_text`) and parsing it back gives the same messages, whitespace included."""
+    (`rlhfkit.mixtures.lmflow.render_text`) and parsing it back gives the same messages, whitespace included."""
     if not isinstance(text, str):
         raise RowError(field_name, f"expected an LMFlow dialogue string, got {type(text).__name__}")
     pieces = LMFLOW_TAG.split(text)

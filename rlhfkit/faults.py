@@ -113,7 +113,7 @@ class PreemptionGuard:
     def save_and_exit_if_requested(self, step: int, save, checkpoint_dir: str | os.PathLike, device=None,
                                    main_process: bool = True) -> None:
         """For custom loops, at the end of step `step` on every rank: if any rank was signalled, run `save()` (a
-        collective checkpoint save, e.g. `rlhfkit.ppo.save_checkpoint`) and exit with the one line."""
+        collective checkpoint save, e.g. `rlhfkit.rl.ppo.save_checkpoint`) and exit with the one line."""
         if self.stop_requested(device):
             save()
             self.exit(step, checkpoint_dir, main_process)

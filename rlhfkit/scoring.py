@@ -18,7 +18,7 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], max_length:
     """Token ids per conversation; longer ones lose prompt tokens from the left (the BOS/CLS token is kept).
 
     `truncate(ids) -> ids`, when given, replaces that rule (eval_benchmark.py passes RewardBench's, see
-    rlhfkit.rewardbench.TruncationPlan); `max_length` is then ignored.
+    rlhfkit.eval.rewardbench.TruncationPlan); `max_length` is then ignored.
     """
     encoded = []
     special = set(tokenizer.all_special_ids)

@@ -295,7 +295,7 @@ fi
 wait_stages
 
 # ---- 7. the report ----
-OMP_NUM_THREADS=$SOLO_THREADS stage report $PYTHON -m rlhfkit.report --output_dir "$OUT/report" \
+OMP_NUM_THREADS=$SOLO_THREADS stage report $PYTHON -m rlhfkit.eval.report --output_dir "$OUT/report" \
     --generations "${generations[@]}" --labeler vader --reward_model "$OUT/rm" \
     --reference_model "$POLICY" --baseline_is_reference true --policy_models "${policies[@]}" \
     --rm_eval "rm_eval=$OUT/rm_eval" --stages "${stages[@]}" \

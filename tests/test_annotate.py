@@ -130,7 +130,7 @@ def test_labeler_hook_pairs_sft_stats_histogram(tmp_path, capsys):
     assert (out / "reward_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the SFT file is what sft_train.py reads
-    from rlhfkit import sft_data
+    from rlhfkit.train import sft_data
 
     loaded = sft_data.load_sft([str(out / "sft.jsonl")])
     assert len(getattr(loaded, "rows", loaded)) == 2

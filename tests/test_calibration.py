@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from rlhfkit.calibration import (
+from rlhfkit.eval.calibration import (
     DIAGRAM_FILE,
     calibration_report,
     expected_calibration_error,

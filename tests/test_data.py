@@ -211,7 +211,7 @@ def test_detect_format_names_the_missing_side():
 
 def test_lmflow_rows_load_exactly_as_rlhfkit_lmflow_reads_them(tmp_path):
     """One LMFlow parser: the preference loader keeps whitespace and a ###System: turn, like the converter."""
-    from rlhfkit.lmflow import export_pairs, import_pairs
+    from rlhfkit.mixtures.lmflow import export_pairs, import_pairs
 
     rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " two  spaces "}],
              "chosen": [{"role": "assistant", "content": "yes\n"}],
@@ -224,7 +224,7 @@ def test_lmflow_rows_load_exactly_as_rlhfkit_lmflow_reads_them(tmp_path):
 
 def test_is_valid_prompt_is_the_turn_order_of_validate_turns():
     from rlhfkit.data import is_valid_prompt
-    from rlhfkit.sources import is_valid_prompt as sources_is_valid_prompt
+    from rlhfkit.mixtures.sources import is_valid_prompt as sources_is_valid_prompt
 
     assert sources_is_valid_prompt is is_valid_prompt
     system, user, bot = ({"role": r, "content": "x"} for r in ("system", "user", "assistant"))

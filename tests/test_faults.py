@@ -18,7 +18,7 @@ from rlhfkit.checkpoints import LOCK_FILE, StageOutput, release_all
 from rlhfkit.data import load_preferences, read_records
 from rlhfkit.errors import UserError
 from rlhfkit.prompts import load_prompts
-from rlhfkit.sft_data import load_sft
+from rlhfkit.train.sft_data import load_sft
 from tests.conftest import REPO
 
 PAIR = {"prompt": "Q", "chosen": "A", "rejected": "B"}

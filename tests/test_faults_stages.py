@@ -186,7 +186,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_gives_the_same_weights(tmp_path, 
 # a non-finite loss stops at its step; the last checkpoint before it resumes
 # ---------------------------------------------------------------------------------------------------------------
 def test_nonfinite_loss_stops_naming_the_step(tmp_path, capsys, monkeypatch):
-    from rlhfkit.reward_trainer import RewardModelTrainer
+    from rlhfkit.train.reward_trainer import RewardModelTrainer
 
     train = write_jsonl(tmp_path / "train.jsonl", sentiment_pairs(32, seed=1))
     real_loss = RewardModelTrainer.compute_loss

@@ -95,7 +95,7 @@ def test_stage_dir_lookup_follows_the_stage_contract(tmp_path):
 def test_annotate_winrate_and_report_read_rows_the_same_way(tmp_path):
     import eval_winrate
     from annotate import build_pairs
-    from rlhfkit import report
+    from rlhfkit.eval import report
 
     path = _write(tmp_path / "gen.jsonl", ROWS)
     ids = [row["id"] for row in read_generations(path)]
@@ -113,6 +113,7 @@ def test_no_script_imports_a_sibling_script_and_names_are_defined_once():
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         assert not {name for name in imported if name.split(".")[0] == "annotate"}, script.name
-    from rlhfkit import models, more
+    from rlhfkit import models
+    from rlhfkit.train import more
 
     assert more._REWARD_HEAD_NAMES is models.REWARD_HEAD_NAMES

@@ -9,7 +9,7 @@ import pytest
 
 from prepare_data import ScriptArguments, main
 from rlhfkit.errors import UserError
-from rlhfkit.lmflow import (
+from rlhfkit.mixtures.lmflow import (
     export_pairs,
     export_sft,
     import_pairs,
@@ -19,7 +19,7 @@ from rlhfkit.lmflow import (
     parse_text,
     render_text,
 )
-from rlhfkit.lmflow import main as lmflow_cli
+from rlhfkit.mixtures.lmflow import main as lmflow_cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "recipes"
 

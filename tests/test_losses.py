@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhfkit.losses import bradley_terry_loss
+from rlhfkit.train.losses import bradley_terry_loss
 
 
 def test_value_matches_hand_computation():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rlhfkit.errors import UserError
-from rlhfkit.more import (
+from rlhfkit.train.more import (
     MoreRewardTrainer,
     MoreWeighting,
     MultitaskRewardTrainer,
@@ -166,7 +166,7 @@ def _tiny_reward_model(name="tiny-random-llama"):
 
 
 def _batch(tokenizer):
-    from rlhfkit.reward_trainer import PairCollator
+    from rlhfkit.train.reward_trainer import PairCollator
     from rlhfkit.tokenization import render_ids
 
     def conv(prompt, response):

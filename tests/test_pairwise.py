@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from rlhfkit import pairwise as pw
-from rlhfkit.losses import bradley_terry_loss
+from rlhfkit.train.losses import bradley_terry_loss
 
 VOCAB = 96
 PAD = 0

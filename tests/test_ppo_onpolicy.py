@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import ppo_train
-from rlhfkit import ppo
+from rlhfkit.rl import ppo
 from rlhfkit.cli import parse_args
 from rlhfkit.sampling import checkpoint_processor_settings, generate_batch, render_generation_prompt
 

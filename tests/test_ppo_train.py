@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ppo_train
-from rlhfkit import ppo
+from rlhfkit.rl import ppo
 from rlhfkit.args import ModelArguments
 from rlhfkit.builtin_models import materialize, train_tiny_tokenizer
 from rlhfkit.checkpoints import StageOutput

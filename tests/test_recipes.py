@@ -13,11 +13,11 @@ import pytest
 
 from prepare_data import ScriptArguments, main
 from rlhfkit.data import is_valid_prompt
-from rlhfkit.decontamination import Decontaminator
+from rlhfkit.mixtures.decontamination import Decontaminator
 from rlhfkit.errors import UserError
-from rlhfkit.mixtures import resolve_options
-from rlhfkit.selection import cap_per_prompt, drop_empty, drop_identical, drop_ties, filter_score_ratio, subsample
-from rlhfkit.sources import (
+from rlhfkit.mixtures.catalog import resolve_options
+from rlhfkit.mixtures.selection import cap_per_prompt, drop_empty, drop_identical, drop_ties, filter_score_ratio, subsample
+from rlhfkit.mixtures.sources import (
     Dropped,
     Pair,
     RankedPrompt,
@@ -479,7 +479,7 @@ def test_hub_sources_are_loaded_by_name_and_hh_subset(tmp_path, monkeypatch):
 # pinned revisions and counts the sources cannot fill
 # ---------------------------------------------------------------------------------------------------------------
 def test_every_hub_source_is_pinned_and_pku_to_its_first_release():
-    from rlhfkit.mixtures import SOURCES
+    from rlhfkit.mixtures.catalog import SOURCES
 
     for key, spec in SOURCES.items():
         if spec.hub_name:
@@ -500,7 +500,7 @@ def test_recipe_asking_for_more_pairs_than_the_source_holds(tmp_path):
 
 
 def test_hub_revision_flag_is_checked():
-    from rlhfkit.source_loading import parse_hub_revisions
+    from rlhfkit.mixtures.loading import parse_hub_revisions
 
     assert parse_hub_revisions(["pku_saferlhf=main"]) == {"pku_saferlhf": "main"}
     with pytest.raises(UserError, match="SOURCE=REVISION"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlhfkit import report
+from rlhfkit.eval import report
 from rlhfkit.cli import parse_args
 from rlhfkit.errors import UserError
 

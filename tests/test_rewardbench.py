@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlhfkit.rewardbench import rewardbench_summary, subset_accuracies
+from rlhfkit.eval.rewardbench import rewardbench_summary, subset_accuracies
 
 
 def test_sections_weighted_by_official_counts_with_missing_section_and_prior():
@@ -43,7 +43,7 @@ import json  # noqa: E402
 import torch  # noqa: E402
 
 from rlhfkit.errors import UserError  # noqa: E402
-from rlhfkit.rewardbench import (  # noqa: E402
+from rlhfkit.eval.rewardbench import (  # noqa: E402
     EXAMPLE_COUNTS, TruncationPlan, dpo_reduce, dpo_tokenize_pair, load_rewardbench_rows, model_position_limit,
     rewardbench_prompt, truncate_like_tokenizer,
 )
@@ -276,7 +276,7 @@ def test_truncation_equals_the_hf_tokenizer_rewardbench_uses(tiny_llama_dir):
     from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
 
-    from rlhfkit.rewardbench import special_token_frame
+    from rlhfkit.eval.rewardbench import special_token_frame
     from rlhfkit.tokenization import render_ids, render_text
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from rlhfkit import rewardbench2 as rb2
+from rlhfkit.eval import rewardbench2 as rb2
 from rlhfkit.errors import UserError
 from tests.conftest import write_jsonl
 

@@ -1,11 +1,11 @@
-"""rlhfkit.rl against values computed by hand (the arithmetic is spelled out beside each expectation)."""
+"""rlhfkit.rl.estimators against values computed by hand (the arithmetic is spelled out beside each expectation)."""
 
 import math
 
 import pytest
 import torch
 
-from rlhfkit import rl
+from rlhfkit.rl import estimators as rl
 
 EOS = 2
 
@@ -232,7 +232,7 @@ def test_running_moments_merge_batches():
 
 
 def test_advantage_estimators_know_their_needs_and_unknown_names_raise():
-    from rlhfkit.rl import ADVANTAGE_ESTIMATORS, AdvantageEstimator, compute_advantages
+    from rlhfkit.rl.estimators import ADVANTAGE_ESTIMATORS, AdvantageEstimator, compute_advantages
 
     assert ADVANTAGE_ESTIMATORS == ("gae", "rloo", "grpo", "reinforce_pp")
     assert [e.needs_critic for e in AdvantageEstimator] == [True, False, False, False]

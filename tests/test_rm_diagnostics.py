@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from rlhfkit.rm_diagnostics import average_ranks, batch_invariance, length_bias, sample_rows, spearman
+from rlhfkit.eval.diagnostics import average_ranks, batch_invariance, length_bias, sample_rows, spearman
 
 
 def test_average_ranks_share_ties():

@@ -1,11 +1,11 @@
-"""rlhfkit.sft_data: each input format, the --text_template split, one-line errors, dropped-row counts."""
+"""rlhfkit.train.sft_data: each input format, the --text_template split, one-line errors, dropped-row counts."""
 
 import json
 
 import pytest
 
 from rlhfkit.errors import UserError
-from rlhfkit.sft_data import TextTemplate, load_sft
+from rlhfkit.train.sft_data import TextTemplate, load_sft
 
 
 def _jsonl(path, rows):
@@ -169,7 +169,7 @@ def _trained(tokenizer, ids, mask):
 
 
 def test_assistant_mask_takes_a_token_merged_across_the_generation_prompt(tiny_llama_dir):
-    from rlhfkit.sft_data import assistant_token_mask
+    from rlhfkit.train.sft_data import assistant_token_mask
 
     # the generation prompt ends in a space, which BPE merges into the reply's first word (" hello")
     tokenizer = _tokenizer(tiny_llama_dir, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -183,7 +183,7 @@ def test_assistant_mask_takes_a_token_merged_across_the_generation_prompt(tiny_l
 
 
 def test_assistant_mask_refuses_templates_that_do_not_render_incrementally(tiny_llama_dir):
-    from rlhfkit.sft_data import assistant_token_mask, tokenize_assistant_only
+    from rlhfkit.train.sft_data import assistant_token_mask, tokenize_assistant_only
 
     counted = _tokenizer(tiny_llama_dir,
                          "{{ messages | length }}\n{% for m in messages %}{{ m['content'] }}\n{% endfor %}")

@@ -72,7 +72,7 @@ def _prepared_dataset(tmp_path, rows, *extra):
     from trl import SFTTrainer
 
     from rlhfkit.models import load_causal_lm, load_tokenizer, resolve_model
-    from rlhfkit.sft_data import load_sft
+    from rlhfkit.train.sft_data import load_sft
 
     script_args, model_args, training_args = _args(
         "--dataset_path", _write(tmp_path / "rows.jsonl", rows), "--output_dir", str(tmp_path / "unused"), *COMMON, *extra

@@ -13,7 +13,7 @@ import torch
 import eval_winrate
 from rlhfkit.cli import parse_args
 from rlhfkit.errors import UserError
-from rlhfkit.judges import ApiJudge, JudgeError, combine_orders, judge_messages, parse_verdict
+from rlhfkit.eval.judges import ApiJudge, JudgeError, combine_orders, judge_messages, parse_verdict
 
 torch.set_num_threads(1)
 SECRET = "sk-test-0123456789-secret"

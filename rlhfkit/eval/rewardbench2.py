@@ -15,7 +15,7 @@ Exactly RewardBench 2:
   margin > tied spread) + 0.20·mean(min(ref margin, tied margin) > tied spread) + 0.01·mean(tanh(min(ref margin,
   tied margin) / tied spread − 1)), with NaN terms (0/0) set to 0, over the prompts that have both a ref and a tied row.
 - The subset is recognised as Ties by `subset.lower() == "ties"`; run_v2.py does not set a truncation side, so the
-  tokenizer's own `truncation_side` applies with `max_length` 2048 (`rlhfkit.rewardbench.TruncationPlan`).
+  tokenizer's own `truncation_side` applies with `max_length` 2048 (`rlhfkit.eval.rewardbench.TruncationPlan`).
 - The benchmark score is the unweighted mean of the six subsets (Factuality, Precise IF, Math, Safety, Focus, Ties),
   all in [0, 1]; reported as percentages like the leaderboard.
 
@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import UserError
+from rlhfkit.errors import UserError
 
 SUBSETS = ("Factuality", "Precise IF", "Math", "Safety", "Focus", "Ties")
 TIES_WEIGHTS = {"tied_accuracy": 0.30, "ref_accuracy": 0.30, "correctness_preferred": 0.20,

@@ -1,6 +1,6 @@
 """The PPO stage's machinery (ppo_train.py is the thin stage script): its config (`PPOConfig`), reward sources,
 the policy+value module, rollouts, scoring, advantages, the PPO update and checkpoint bookkeeping. The math itself
-lives in `rlhfkit.rl` as pure functions; this module wires it to models, tokenizers, accelerate and DeepSpeed, and
+lives in `rlhfkit.rl.estimators` as pure functions; this module wires it to models, tokenizers, accelerate and DeepSpeed, and
 the stage's loop talks to this module only.
 
 On-policy by construction: rollouts sample softmax(logits / temperature) with our own decoding loop
@@ -26,16 +26,16 @@ import torch
 from torch import nn
 from transformers import TrainingArguments
 
-from . import rl
-from .checkpoints import StageOutput, check_parent, merge_lora_state_dict, write_json_atomic
-from .errors import UserError
-from .rl import AdvantageEstimator, RunningMoments  # noqa: F401  (the loop reaches them as ppo.*)
-from .scoring import RewardModelScorer
+from rlhfkit.rl import estimators as rl
+from rlhfkit.checkpoints import StageOutput, check_parent, merge_lora_state_dict, write_json_atomic
+from rlhfkit.errors import UserError
+from rlhfkit.rl.estimators import AdvantageEstimator, RunningMoments  # noqa: F401  (the loop reaches them as ppo.*)
+from rlhfkit.scoring import RewardModelScorer
 
 if TYPE_CHECKING:  # for annotations only
-    from .args import ModelArguments
+    from rlhfkit.args import ModelArguments
 
-logger = logging.getLogger("rlhfkit.ppo")
+logger = logging.getLogger("rlhfkit.rl.ppo")
 
 VALUE_MODEL_DIR = "value_model"
 TRAINER_STATE = "trainer_state.json"

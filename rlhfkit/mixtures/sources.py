@@ -4,7 +4,7 @@ and the pairing of a prompt with several scored responses (best vs a random othe
 
 Schema violations (a missing column, a wrong type) are `UserError`s naming file, row and field; a well-formed row
 that cannot become a pair raises `Dropped(rule)` and is counted under that rule. Which sources exist, their hub
-names and pinned revisions: `rlhfkit.mixtures`; the rules applied to the pairs afterwards: `rlhfkit.selection`.
+names and pinned revisions: `rlhfkit.mixtures.catalog`; the rules applied to the pairs afterwards: `rlhfkit.mixtures.selection`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
-from .data import RowError, is_valid_prompt, parse_hh_dialogue
-from .errors import UserError, where
-from .pairs import best_vs_random_other
+from rlhfkit.data import RowError, is_valid_prompt, parse_hh_dialogue
+from rlhfkit.errors import UserError, where
+from rlhfkit.pairs import best_vs_random_other
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from rlhfkit.errors import UserError
 
 DIAGRAM_FILE = "reliability.png"
 _MAX_PLOTTED_SOURCES = 8  # more lines than this make the diagram unreadable; the JSON keeps every source

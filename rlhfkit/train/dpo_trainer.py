@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from trl import DPOTrainer
 
-from . import pairwise as pw
+from rlhfkit import pairwise as pw
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The alignment report: `report.md` and PNG plots comparing a base policy with aligned ones on held-out prompts.
 
-    python -m rlhfkit.report --output_dir runs/demo/report \
+    python -m rlhfkit.eval.report --output_dir runs/demo/report \
         --generations base=runs/demo/gen_base.jsonl dpo=runs/demo/gen_dpo.jsonl \
         --labeler vader --reward_model runs/demo/rm \
         --reference_model smollm2-135m-instruct --policy_models dpo=runs/demo/dpo \
@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from .bootstrap import Interval, bootstrap_mean_ci, paired_differences, per_prompt_means
-from .errors import UserError
+from rlhfkit.eval.bootstrap import Interval, bootstrap_mean_ci, paired_differences, per_prompt_means
+from rlhfkit.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class Generations:
 def load_generations(name: str, path: str) -> Generations:
     """Rows `{"id", "prompt": [...], "responses": [str, ...]}` (generation/generate.py; extra fields ignored), read by
     `rlhfkit.generations.read_generations` (its validation, its id rule)."""
-    from .generations import read_generations
+    from rlhfkit.generations import read_generations
 
     rows = read_generations(path)
     return Generations(name, path, [row["id"] for row in rows], [row["prompt"] for row in rows],
@@ -294,8 +294,8 @@ def kl_to_reference(policy_path: str, reference_path: str, generations: Generati
                     samples_per_prompt: int = 0) -> list[list[float]]:
     """Per response: Σ_t log π(y_t|x, y_<t) − Σ_t log π_ref(y_t|x, y_<t), on the policy's own samples (k1); with
     `samples_per_prompt`, on each prompt's first N samples only."""
-    from .logprobs import implicit_rewards
-    from .models import ensure_pad_token, load_causal_lm, load_tokenizer, resolve_model
+    from rlhfkit.logprobs import implicit_rewards
+    from rlhfkit.models import ensure_pad_token, load_causal_lm, load_tokenizer, resolve_model
 
     policy_local, _ = resolve_model(policy_path, role="policy")
     reference_local, _ = resolve_model(reference_path, role="reference model")
@@ -573,9 +573,9 @@ ARGUMENTS = (ReportArguments,)  # what main takes, in order (CLI, YAML, tests)
 
 
 def main(args: ReportArguments) -> dict:
-    from .checkpoints import StageOutput, check_parent
-    from .cli import setup_logging, to_dict
-    from .labelers import load_labeler
+    from rlhfkit.checkpoints import StageOutput, check_parent
+    from rlhfkit.cli import setup_logging, to_dict
+    from rlhfkit.labelers import load_labeler
 
     # ---- setup ----
     setup_logging()
@@ -677,6 +677,6 @@ def main(args: ReportArguments) -> dict:
 
 
 if __name__ == "__main__":
-    from .cli import run_stage
+    from rlhfkit.cli import run_stage
 
     run_stage(main, ARGUMENTS)

@@ -41,8 +41,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .data import RowError, chosen_conversation
-from .errors import UserError, where
+from rlhfkit.data import RowError, chosen_conversation
+from rlhfkit.errors import UserError, where
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def load_sft(paths: str | list[str], text_template: str | None = None, seed: int
     """
     import random
 
-    from .data import parse_source, read_records
+    from rlhfkit.data import parse_source, read_records
 
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not paths:
@@ -329,7 +329,7 @@ def assistant_token_mask(tokenizer, messages: list[dict]) -> tuple[list[int], li
     after its end-of-turn special token (ChatML's "\\n" after <|im_end|>) is layout, left out as markers leave it out.
     Raises ValueError naming what is wrong when the template does not render incrementally.
     """
-    from .tokenization import render_ids
+    from rlhfkit.tokenization import render_ids
 
     full = render_ids(tokenizer, messages)
     mask = [0] * len(full)

@@ -2,7 +2,7 @@
 (GAE, RLOO, GRPO, REINFORCE++), the clipped PPO losses, and the KL-coefficient controllers.
 
 Written here because no maintained library ships it any more as reusable functions (TRL removed PPOTrainer in
-2026; its GRPO/RLOO trainers keep the math inside the trainer). `rlhfkit.ppo` is the only caller; the tests in
+2026; its GRPO/RLOO trainers keep the math inside the trainer). `rlhfkit.rl.ppo` is the only caller; the tests in
 `tests/test_rl.py` check every function against values computed by hand.
 
 Shapes: `B` sequences in the rollout batch, `T` response tokens (padded). A response mask `[B, T]` is 1 on the

@@ -24,7 +24,7 @@ Sources (hub name → what the converter reads):
   orca               argilla/distilabel-intel-orca-dpo-pairs        system, input, chosen, rejected, rating [a, b], status
   pku_saferlhf_30k   PKU-Alignment/PKU-SafeRLHF-30K       prompt, response_0/1, better_response_id, safer_response_id
   pku_saferlhf       PKU-Alignment/PKU-SafeRLHF           same columns
-  lmflow             a local LMFlow {"instances": [{"positive", "negative"}]} file (see rlhfkit.lmflow)
+  lmflow             a local LMFlow {"instances": [{"positive", "negative"}]} file (see rlhfkit.mixtures.lmflow)
 
 Revisions: every hub source is loaded at a pinned revision (`PublicSource.revision`, overridable with
 `prepare_data.py --hub_revision key=rev`), and manifest.json records the revision asked for and the commit it
@@ -53,7 +53,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .errors import UserError
+from rlhfkit.errors import UserError
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from .errors import UserError
+from rlhfkit.errors import UserError
 
 logger = logging.getLogger(__name__)
 

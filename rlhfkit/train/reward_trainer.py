@@ -5,9 +5,9 @@ the chosen+rejected concatenated padded batch.
 What we change:
 - Pairs arrive tokenised by `rlhfkit.tokenization.tokenize_pair` (prompt truncated from the left, or dropped, and
   counted), instead of TRL silently dropping every pair longer than max_length.
-- The loss is `rlhfkit.losses.bradley_terry_loss` (margin, centering), and its metrics come from the same tensors.
+- The loss is `rlhfkit.train.losses.bradley_terry_loss` (margin, centering), and its metrics come from the same tensors.
 - Eval accuracy is exact (correct pairs / pairs over the whole eval set, across processes), not a mean of batch means.
-- `source_index` passes through the collator for multi-objective training (rlhfkit.more).
+- `source_index` passes through the collator for multi-objective training (rlhfkit.train.more).
 - The pairwise forward is `rlhfkit.pairwise`'s (`pairwise_forward`, default the fastest exact layout for the model):
   each pair's prompt is computed once and pairs are packed without padding; `padded` keeps TRL's collator and
   forward. `max_tokens_per_batch` splits each batch into micro-batches of at most that many laid-out tokens, each
@@ -25,8 +25,8 @@ import torch
 from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from . import pairwise as pw
-from .losses import bradley_terry_loss
+from rlhfkit import pairwise as pw
+from rlhfkit.train.losses import bradley_terry_loss
 
 
 @dataclass

@@ -9,7 +9,7 @@ no maintained library offers a min-norm solver or per-source reweighting for a `
 Per training step (every batch holds rows of every source, see `SourceBalancedBatchSampler`):
 
 1. One pairwise forward gives rewards r_c, r_r [B] and, through a forward hook, the reward head's input features.
-2. Per source k: L_k = Bradley-Terry loss over the rows of source k (`rlhfkit.losses.bradley_terry_loss`).
+2. Per source k: L_k = Bradley-Terry loss over the rows of source k (`rlhfkit.train.losses.bradley_terry_loss`).
 3. Per source k: g_k = ∂L_k/∂w, the gradient with respect to the reward head's weight row w [H]
    (= Σ_i ∂L_k/∂r_i · h_i with h_i the head input of sequence i; see `head_gradients`).
 4. Momentum per source: m_k ← (1 − α) m_k + α g_k.
@@ -81,8 +81,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .errors import UserError
-from .models import REWARD_HEAD_NAMES as _REWARD_HEAD_NAMES
+from rlhfkit.errors import UserError
+from rlhfkit.models import REWARD_HEAD_NAMES as _REWARD_HEAD_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -305,9 +305,9 @@ def per_source_losses(
     """Bradley-Terry loss of each source present in the batch.
 
     chosen_rewards, rejected_rewards, source_index (int), margin: [B]. Returns (present source indices, ascending;
-    [] loss per present source; metrics dict per present source), from `rlhfkit.losses.bradley_terry_loss`.
+    [] loss per present source; metrics dict per present source), from `rlhfkit.train.losses.bradley_terry_loss`.
     """
-    from .losses import bradley_terry_loss
+    from rlhfkit.train.losses import bradley_terry_loss
 
     if source_index.shape != chosen_rewards.shape:
         raise ValueError(f"source_index must be [B] like the rewards, got {tuple(source_index.shape)}")
@@ -593,7 +593,7 @@ class SourceBalancedBatchSampler(torch.utils.data.Sampler):
 # trainers (rm_train.py --objective multitask|more)
 # ---------------------------------------------------------------------------------------------------------------
 # imported after the pure parts, which do not need TRL
-from .reward_trainer import PairCollator, RewardModelTrainer  # noqa: E402
+from rlhfkit.train.reward_trainer import PairCollator, RewardModelTrainer  # noqa: E402
 
 MORE_STATE_FILE = "more_state.pt"
 

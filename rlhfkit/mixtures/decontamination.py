@@ -9,13 +9,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .files import read_records
-from .errors import UserError, where
-from .source_loading import data_files
-from .sources import required_field
+from rlhfkit.files import read_records
+from rlhfkit.errors import UserError, where
+from rlhfkit.mixtures.loading import data_files
+from rlhfkit.mixtures.sources import required_field
 
 if TYPE_CHECKING:
-    from .sources import Pair
+    from rlhfkit.mixtures.sources import Pair
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 counted in its `SourceReport` (the manifest entry of that source).
 
 Each rule is a pure function `list[Pair] → (kept, number dropped)`, so each can be tested on a hand-made list.
-Converters and pairing: `rlhfkit.sources`; which rules a mixture turns on: `rlhfkit.mixtures.SelectionOptions`.
+Converters and pairing: `rlhfkit.mixtures.sources`; which rules a mixture turns on: `rlhfkit.mixtures.catalog.SelectionOptions`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .decontamination import Decontaminator, decontaminate
-from .errors import UserError
-from .mixtures import SOURCES, SelectionOptions
-from .sources import (
+from rlhfkit.mixtures.decontamination import Decontaminator, decontaminate
+from rlhfkit.errors import UserError
+from rlhfkit.mixtures.catalog import SOURCES, SelectionOptions
+from rlhfkit.mixtures.sources import (
     Dropped,
     Pair,
     RankedPrompt,
@@ -263,7 +263,7 @@ def _pair_converter(key: str, options: SelectionOptions) -> Callable[[Record], P
         label = SOURCES[key].label
         return lambda r: convert_pku(r.data, (r.path, r.row), options.pku_preference, label, r.key)
     if key == "lmflow":
-        from .lmflow import instance_to_pair
+        from rlhfkit.mixtures.lmflow import instance_to_pair
 
         return lambda r: _lmflow_pair(instance_to_pair(r.data, (r.path, r.row)), r)
     raise KeyError(key)

@@ -52,7 +52,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .errors import UserError, where
+from rlhfkit.errors import UserError, where
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def load_rewardbench_rows(paths: Sequence[str], split: str = "train", skip_inval
     `skip_invalid` turns into a counted skip; `flags(row) -> Counter` adds to the report (default `row_flags`)."""
     from pathlib import Path
 
-    from .files import read_records
+    from rlhfkit.files import read_records
 
     rows: list[dict] = []
     report: dict[str, dict] = {}
@@ -408,7 +408,7 @@ def dpo_tokenize_pair(tokenizer, prompt: list[dict], chosen: list[dict], rejecte
     exceed `max_length`, the prompt keeps its last `max_prompt_length` tokens; if still too long, both responses keep
     their first `max_length − max_prompt_length` tokens.
     """
-    from .tokenization import render_text
+    from rlhfkit.tokenization import render_text
 
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -465,7 +465,7 @@ def dpo_sequence_scores(model, sequences: Sequence[tuple[list[int], int]], pad_t
     import torch
     from tqdm.auto import tqdm
 
-    from . import pairwise as pw
+    from rlhfkit import pairwise as pw
 
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, not {batch_size}")

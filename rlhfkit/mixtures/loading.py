@@ -1,5 +1,5 @@
 """Reading a public source: a local copy with the hub's column names (file or directory), or the hub itself at the
-source's pinned revision (`rlhfkit.mixtures.SOURCES`); the revision record that manifest.json keeps.
+source's pinned revision (`rlhfkit.mixtures.catalog.SOURCES`); the revision record that manifest.json keeps.
 
 Files are read by `rlhfkit.files.read_records` (the one reader of data files) and recognised by its
 `DATA_SUFFIXES`. Rows come back as `sources.Record`s: the row, where it came from, and its stable key.
@@ -11,10 +11,10 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from .files import DATA_SUFFIXES, read_records
-from .errors import UserError
-from .mixtures import SOURCES, SelectionOptions
-from .sources import Record
+from rlhfkit.files import DATA_SUFFIXES, read_records
+from rlhfkit.errors import UserError
+from rlhfkit.mixtures.catalog import SOURCES, SelectionOptions
+from rlhfkit.mixtures.sources import Record
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def read_local(key: str, paths: Sequence[str], split: str, options: SelectionOpt
                 if subset is not None and subset not in options.hh_rlhf_subsets:
                     continue
             if key == "lmflow":
-                from .lmflow import read_lmflow_instances
+                from rlhfkit.mixtures.lmflow import read_lmflow_instances
 
                 rows = read_lmflow_instances(file, expect="paired")
             else:

@@ -21,8 +21,8 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .data import FORMATS_BY_NAME, LMFLOW_ROLE_TAGS, LMFLOW_TAG, RowError, is_valid_prompt, parse_lmflow_text
-from .errors import UserError, where
+from rlhfkit.data import FORMATS_BY_NAME, LMFLOW_ROLE_TAGS, LMFLOW_TAG, RowError, is_valid_prompt, parse_lmflow_text
+from rlhfkit.errors import UserError, where
 
 ROLE_TAGS = LMFLOW_ROLE_TAGS
 
@@ -116,7 +116,7 @@ def read_lmflow_instances(path: str | os.PathLike, expect: str) -> list[dict]:
 
 
 def _write_json(path: str | os.PathLike, payload: dict) -> None:
-    from .checkpoints import write_text_atomic
+    from rlhfkit.checkpoints import write_text_atomic
 
     write_text_atomic(path, json.dumps(payload, ensure_ascii=False, indent=None) + "\n")
 
@@ -144,7 +144,7 @@ def import_sft(path: str | os.PathLike) -> list[dict]:
 
 
 def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> int:
-    from .checkpoints import write_text_atomic
+    from rlhfkit.checkpoints import write_text_atomic
 
     lines = [json.dumps(row, ensure_ascii=False) for row in rows]
     write_text_atomic(path, "".join(line + "\n" for line in lines))
@@ -161,17 +161,17 @@ def convert_file(kind: str, direction: str, source: str, target: str) -> int:
 
 
 def _read_any(path: str) -> list[dict]:
-    from .files import read_records
+    from rlhfkit.files import read_records
 
     return read_records(path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m rlhfkit.lmflow {export,import} {pairs,sft} SOURCE TARGET`."""
+    """`python -m rlhfkit.mixtures.lmflow {export,import} {pairs,sft} SOURCE TARGET`."""
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m rlhfkit.lmflow", description=main.__doc__ + "\n\n" + __doc__,
+    parser = argparse.ArgumentParser(prog="python -m rlhfkit.mixtures.lmflow", description=main.__doc__ + "\n\n" + __doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("direction", choices=["export", "import"])
     parser.add_argument("kind", choices=["pairs", "sft"])
