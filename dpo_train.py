@@ -1,17 +1,19 @@
 """Direct Preference Optimisation (DPO) stage, on TRL's `DPOTrainer`.
 
     accelerate launch dpo_train.py --model_name_or_path runs/sft --dataset_path pairs.jsonl --output_dir runs/dpo \
-        [--ref_model_name_or_path runs/sft] [--beta 0.1] [--loss_type sigmoid] [--precompute_ref_log_probs true]
+        [--ref_model_path runs/sft] [--beta 0.1] [--loss_type sigmoid] [--precompute_ref_log_probs true]
 
 Features
 - Preference data through `rlhfkit.data.load_preferences`: every format of the foundation (canonical pairs, TRL
   explicit/implicit prompt, HH-RLHF raw, LMFlow positive/negative, RewardBench rows) and the pair files
   `annotate/` writes; several sources with `path:N` / `path:0.3`.
-- Reference model: `--ref_model_name_or_path`, default the starting checkpoint. With LoRA and the default reference
+- Reference model: `--ref_model_path`, default the starting checkpoint. With LoRA and the default reference
   no second model is loaded (the adapter is switched off); with `--precompute_ref_log_probs` the reference
   log-probs are computed once before training and the reference model is released before the first step.
-- `--beta`, `--loss_type` (sigmoid, ipo, hinge, robust, … all of TRL's, several at once with `--loss_weights`),
-  LoRA/QLoRA with merge on save (`--save_adapter_only` keeps the adapter), gradient checkpointing.
+- `--beta`, `--loss_type` (sigmoid, ipo, hinge, robust, … every one of TRL 1.16's, several at once with
+  `--loss_weights`), `--ld_alpha` (LD-DPO), `--use_weighting` (WPO), `--f_divergence_type` (f-DPO): our own loss
+  functions (rlhfkit/train/dpo_losses.py), checked against TRL's DPOTrainer on the same batches; LoRA/QLoRA
+  with merge on save (`--save_adapter_only` keeps the adapter), gradient checkpointing.
 - A held-out split (`--eval_dataset_path` or `--validation_split_percentage`) with reward accuracy and margins
   (TRL's `rewards/accuracies`, `rewards/margins`) in metrics.json.
 
@@ -36,7 +38,8 @@ from trl import DPOConfig
 
 from rlhfkit.args import ModelArguments, DataArguments, PairwiseArguments, TrainingDefaults
 from rlhfkit.cli import run_stage, setup_logging, to_dict
-from rlhfkit.train.dpo_trainer import PackedDPOTrainer
+from rlhfkit.train.dpo_losses import DPOLossConfig
+from rlhfkit.train.dpo_trainer import PackedDPOTrainer, check_token_budget
 from rlhfkit.errors import UserError
 
 logger = logging.getLogger("dpo_train")
@@ -44,7 +47,7 @@ logger = logging.getLogger("dpo_train")
 
 @dataclass
 class ScriptArguments(PairwiseArguments, DataArguments):
-    ref_model_name_or_path: str | None = field(
+    ref_model_path: str | None = field(
         default=None, metadata={"help": "Reference model (dir or built-in name); default: --model_name_or_path."}
     )
 
@@ -55,7 +58,13 @@ class ScriptArguments(PairwiseArguments, DataArguments):
 
 @dataclass
 class DPOArguments(TrainingDefaults, DPOConfig):
-    """TRL's DPOConfig with this toolkit's defaults: no bf16 unless a GPU has it, checkpoints kept for resuming."""
+    """TRL's DPOConfig with this toolkit's defaults: no bf16 unless a GPU has it, checkpoints kept for resuming.
+    Its loss flags (--loss_type, --loss_weights, --beta, --label_smoothing, --discopop_tau, --ld_alpha,
+    --use_weighting, --f_divergence_type, --f_alpha_divergence_coef) are read by rlhfkit/train/dpo_losses.py."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        DPOLossConfig.from_args(self)  # a bad loss option fails here, in one line, before anything is loaded
 
 
 ARGUMENTS = (ScriptArguments, ModelArguments, DPOArguments)  # what main takes, in order (CLI, YAML, tests)
@@ -73,6 +82,10 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
                                 resolve_model)
 
     StageOutput.check_free(training_args.output_dir, model_args.overwrite_output_dir)
+    try:
+        check_token_budget(DPOLossConfig.from_args(training_args), script_args.max_tokens_per_batch)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     setup_logging(training_args.process_index == 0)
     transformers.set_seed(training_args.seed)  # LoRA's initialisation follows --seed, not the process history
 
@@ -85,8 +98,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     pad_action = ensure_pad_token(tokenizer, model)
     lora = peft_config(model_args, task_type="CAUSAL_LM")
 
-    ref_requested = script_args.ref_model_name_or_path or model_args.model_name_or_path
-    ref_path, ref_record = resolve_model(ref_requested, role="ref_model_name_or_path")
+    ref_requested = script_args.ref_model_path or model_args.model_name_or_path
+    ref_path, ref_record = resolve_model(ref_requested, role="ref_model_path")
     refuse_reward_model(ref_requested, ref_record)
     ref_is_start = ref_record.get("resolved_path") == model_record.get("resolved_path")
     ref_model = None
@@ -105,7 +118,9 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
     # ---------------------------------------------------------------- train
     # the staging dir appears only now, so bad input above leaves nothing behind
-    stage, resume_from = StageOutput.for_trainer(training_args, "dpo", overwrite=model_args.overwrite_output_dir)
+    stage, resume_from = StageOutput.for_trainer(training_args, "dpo", overwrite=model_args.overwrite_output_dir,
+                                                 arguments=(script_args, model_args), dataset=train_rows,
+                                                 model=(model_path, ref_path), tokenizer=tokenizer)  # a resume is this run
     arguments = to_dict(script_args, model_args, training_args)
     trainer = PackedDPOTrainer(
         pairwise_forward=script_args.pairwise_forward,

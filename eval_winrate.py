@@ -1,7 +1,7 @@
 """Win rate of policy A against policy B on the same prompts, judged pairwise.
 
     python eval_winrate.py --responses_a runs/gen-more --responses_b runs/gen-multitask \\
-        --reward_name_or_path runs/rm --output_dir runs/winrate-more-vs-multitask
+        --reward_model_path runs/rm --output_dir runs/winrate-more-vs-multitask
     python eval_winrate.py --responses_a a.jsonl --responses_b b.jsonl --judge_api_base https://api.openai.com/v1 \\
         --judge_model gpt-4o-mini --judge_template harmless --output_dir runs/winrate-harmless
 
@@ -10,7 +10,7 @@ rows `{"id", "prompt": [messages], "responses": [strings]}`). Rows are matched b
 has one (a matched id with different prompts is an error), else by prompt; the response judged is
 `responses[--response_index]`. Unmatched rows are counted and reported.
 
-Judges (rlhfkit/judges.py): (a) `--reward_name_or_path`, a reward model from disk (the higher reward wins);
+Judges (rlhfkit/judges.py): (a) `--reward_model_path`, a reward model from disk (the higher reward wins);
 (b) `--judge_api_base` + `--judge_model`, an OpenAI-compatible chat endpoint with a helpful or harmless template,
 every pair asked in both orders to cancel position bias, the API key read from the environment variable named by
 `--judge_api_key_env` (default OPENAI_API_KEY; never logged or written). Timeouts, HTTP errors and malformed
@@ -53,7 +53,7 @@ class ScriptArguments:
     max_samples: int = field(default=None, metadata={"help": "Judge only the first N matched prompts."})
     confidence: float = field(default=0.95, metadata={"help": "Level of the Wilson confidence interval."})
     # judge (a): a reward model
-    reward_name_or_path: str = field(default=None, metadata={"help": "Judge (a): reward model dir or built-in name."})
+    reward_model_path: str = field(default=None, metadata={"help": "Judge (a): reward model dir or built-in name."})
     batch_size: int = field(default=8, metadata={"help": "Reward model: sequences per forward pass."})
     max_length: int = field(default=None, metadata={"help": "Reward model: cut longer conversations from the left."})
     chat_template: str = field(default=None, metadata={"help": "Reward model: template if its tokenizer has none."})
@@ -85,8 +85,8 @@ class ScriptArguments:
             raise ValueError("--response_index must be ≥ 0")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, not '{self.dtype}'")
-        if (self.reward_name_or_path is None) == (self.judge_api_base is None):
-            raise ValueError("give exactly one judge: --reward_name_or_path or --judge_api_base (with --judge_model)")
+        if (self.reward_model_path is None) == (self.judge_api_base is None):
+            raise ValueError("give exactly one judge: --reward_model_path or --judge_api_base (with --judge_model)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,19 +238,19 @@ def main(script_args: ScriptArguments) -> dict:
 
     # ---------------------------------------------------------------- model & tokenizer (the judge)
     run_info: dict = {}
-    if script_args.reward_name_or_path:
+    if script_args.reward_model_path:
         import torch
 
         from rlhfkit.scoring import RewardModelScorer
 
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[script_args.dtype]
-        scorer = RewardModelScorer(script_args.reward_name_or_path, script_args.batch_size, script_args.max_length,
+        scorer = RewardModelScorer(script_args.reward_model_path, script_args.batch_size, script_args.max_length,
                                    accelerator.device, chat_template=script_args.chat_template,
                                    accelerator=accelerator, dtype=dtype)
         model_record = scorer.record
         judge = RewardModelJudge(scorer, script_args.tie_threshold)
-        judge_text = f"reward model {script_args.reward_name_or_path}"
-        judge_record = {"kind": "reward_model", "model": script_args.reward_name_or_path, **model_record}
+        judge_text = f"reward model {script_args.reward_model_path}"
+        judge_record = {"kind": "reward_model", "model": script_args.reward_model_path, **model_record}
         run_info["parent"] = {"path": model_record.get("resolved_path", scorer.path),
                               "stage": model_record.get("parent_stage")}
     else:

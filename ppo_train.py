@@ -15,18 +15,26 @@ One PPO step (all in `rlhfkit.rl.ppo`, which also owns `PPOConfig`):
 - rollout: batched HF `generate` with the stop rules of `generation/` (`rlhfkit.sampling`: EOS plus the chat
   template's end-of-turn token), per-sample seeds derived from (seed, step, prompt position), so a resumed run draws
   the same samples; then one no-grad forward each for the policy's log-probs, the values and the reference log-probs.
-- score: one interface for both reward sources: a reward-model dir (`AutoModelForSequenceClassification`; the
-  response is decoded and the conversation re-rendered with the RM's own tokenizer and chat template, so an RM with
-  another tokenizer works) or a labeler of `rlhfkit.labelers` (the annotation stage's interface): a Python function
-  `module:function(prompts, responses) -> list[float]` (also `path/to/file.py:function`) or a built-in (`vader`). Scores are normalised (the RM's `reward_stats` from its run_info.json, or running
-  moments), penalised when the response has no stop token (`--missing_eos_penalty`), optionally clipped.
+- score: every reward source behind one interface (`rlhfkit/rl/rewards.py`), repeatable and weighted
+  (`--reward_weights`), each logged as reward/<name>: reward-model dirs (`--reward_model_path`; the conversation
+  re-rendered with the RM's own tokenizer and template; pairwise preference and process reward models too),
+  verifiable rewards (`--reward_fn exact_answer` against the row's answer column, `--reward_fn format`), labelers
+  (`vader`, `module:function(prompts, responses) -> list[float]`, `path/to/file.py:function`). The weighted sum is
+  normalised (each RM by its `reward_stats`, or running moments), shaped (DAPO's `--overlong_penalty`),
+  penalised when the response has no stop token (`--missing_eos_penalty`), optionally clipped. With
+  `--dynamic_sampling`, prompts whose K samples all score the same are dropped and more are sampled (DAPO).
 - advantages (`--advantage_estimator`): `gae` (critic; per-token rewards = −β·KL on every token + score on the last
   response token, i.e. the EOS when generated), or the critic-free `rloo`, `grpo`, `reinforce_pp` (K samples per
   prompt via `--num_samples_per_prompt` for the group-based ones). KL to the frozen reference: `--kl_estimator
   k1|k3` in the reward with a fixed or adaptive coefficient (`--kl_target`), and/or as a loss term
   (`--kl_loss_coef`, GRPO style).
 - update: `--ppo_epochs` passes over the rollout in minibatches of per_device_train_batch_size ×
-  gradient_accumulation_steps sequences; clipped surrogate + `--vf_coef` × clipped value loss − entropy bonus.
+  gradient_accumulation_steps sequences; the policy objective of `rlhfkit/rl/objectives.py` (PPO-clip with
+  `--cliprange_low/--cliprange_high`, or CISPO; token or sequence ratios (GSPO); `--loss_aggregation` token (DAPO)
+  | sequence (GRPO) | dr_grpo | bnpo; `--mask_truncated_completions`) + `--vf_coef` × clipped value loss −
+  entropy bonus.
+- held-out evaluation (`--eval_dataset_path`): greedy answers before and after training, every reward source's
+  mean with a bootstrap interval and the paired difference in metrics.json.
 
 Models: the policy (LoRA with --use_peft; gradient checkpointing), a frozen reference (the policy's own checkpoint
 by default; with LoRA the adapter is switched off instead of loading a copy), the reward model (frozen), the value
@@ -44,8 +52,10 @@ in OUT.partial/checkpoints/ hold model, optimizer, scheduler, RNG, KL-controller
 Assumptions: value model initialised from the RM needs the RM to share the policy's tokenizer (checked). Advantage
 whitening and group statistics are per process (each process holds whole prompt groups). Generation is HF
 `generate`; under ZeRO-3 the policy's weights are gathered once per rollout instead of at every token (~10× faster
-on 2 processes, benchmarks/bench_ppo.py). `--use_vllm` is refused: it needs the updated weights pushed into the vLLM
-engine after every PPO step, which is not written yet. Frozen models are replicated per process unless ZeRO-3 is on.
+on 2 processes, benchmarks/bench_ppo.py). `--use_vllm true` samples on a colocated vLLM engine instead
+(`rlhfkit/rl/vllm_rollout.py`): the policy (LoRA merged) is pushed into it after every step and the push checked on
+a probe sequence (the run stops with one line if the engine's log-probs are not the policy's); not under ZeRO-3.
+Frozen models are replicated per process unless ZeRO-3 is on.
 """
 
 from __future__ import annotations
@@ -69,6 +79,7 @@ from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.errors import UserError
 from rlhfkit.faults import PreemptionGuard, check_finite
 from rlhfkit.rl.ppo import PPOConfig
+from rlhfkit.rl.rewards import DEFAULT_FORMAT_REGEX
 
 logger = logging.getLogger("ppo_train")
 
@@ -85,15 +96,32 @@ class ScriptArguments:
         metadata={"help": "Prompt sets in any format generation/ reads (rlhfkit.prompts.load_prompts); "
                   "'file:N' keeps the first N rows."},
     )
-    reward_model_path: str | None = field(
+    reward_model_path: list[str] | None = field(
         default=None,
-        metadata={"help": "A reward model dir (rm_train.py output or any 1-label *ForSequenceClassification)."},
+        metadata={"help": "A reward model dir (rm_train.py output or any 1-label *ForSequenceClassification; a "
+                  "pm_train.py / prm_train.py model too, see --reward_model_type). Repeatable; with --reward_fn the "
+                  "scores add up, weighted by --reward_weights (rlhfkit/rl/rewards.py).", "action": "extend"},
     )
-    reward_fn: str | None = field(
+    reward_fn: list[str] | None = field(
         default=None,
-        metadata={"help": "Instead of a reward model, a labeler (rlhfkit.labelers): a built-in name (vader), or "
-                  "'module:function' / 'file.py:function' taking (prompts: list[list[dict]], responses: list[str]) "
-                  "and returning list[float]."},
+        metadata={"help": "A reward function, repeatable: exact_answer (the response's final answer vs the row's "
+                  "--answer_field, numbers compared as numbers; rule in rlhfkit/rl/rewards.py), format (matches "
+                  "--format_regex), a labeler of rlhfkit.labelers (vader), or 'module:function' / "
+                  "'file.py:function' taking (prompts: list[list[dict]], responses: list[str]) and returning "
+                  "list[float]. Each source is logged per step as reward/<name>.", "action": "extend"},
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "One weight per reward source, in the order: every --reward_model_path, then every "
+                  "--reward_fn (default 1 each). reward/raw is the weighted sum.", "action": "extend"},
+    )
+    answer_field: str = field(
+        default="answer", metadata={"help": "The prompt rows' column --reward_fn exact_answer compares with."}
+    )
+    format_regex: str = field(
+        default=DEFAULT_FORMAT_REGEX,
+        metadata={"help": "--reward_fn format: 1 when re.search(this, response) matches, else 0 (default: the last "
+                  "line is 'Answer: …')."},
     )
     ref_model_path: str | None = field(
         default=None, metadata={"help": "Frozen reference for the KL penalty (default: the policy's checkpoint)."}
@@ -106,6 +134,23 @@ class ScriptArguments:
     max_prompt_length: int = field(default=512, metadata={"help": "Prompts longer than this (tokens) are dropped."})
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     rm_batch_size: int = field(default=16, metadata={"help": "Batch size of reward-model scoring."})
+    reward_model_type: str = field(default="auto", metadata={"help": "What --reward_model_path is: auto (from its "
+                                   "run_info.json) | rm (one score per response) | pm (pairwise preference model: "
+                                   "each sample against the group's others, or the reference's greedy response) | "
+                                   "prm (process reward model: per-step rewards). See rlhfkit/rl/model_rewards.py."})
+    pm_reward: str = field(default="log_odds", metadata={"help": "A preference model's reward: log_odds (mean "
+                           "log P/(1−P) against the baselines; Bradley-Terry-consistent) | win_rate (mean P)."})
+    aggregate: str = field(default="min", metadata={"help": "A process reward model's score of a response for RLOO "
+                           "/ GRPO: min | last | prod | mean of its step scores (GAE and REINFORCE++ get per-step "
+                           "rewards)."})
+    eval_dataset_path: list[str] | None = field(
+        default=None,
+        metadata={"help": "Held-out prompt rows (with their answer column for exact_answer): before and after training "
+                  "the policy answers each once (--eval_temperature, 0 = greedy) and every reward source scores it; "
+                  "metrics.json gets each mean with a 95%% bootstrap interval over prompts and the paired difference "
+                  "after − before; OUT/eval_before.jsonl and OUT/eval_after.jsonl hold the responses."},
+    )
+    eval_temperature: float = field(default=0.0, metadata={"help": "Sampling temperature of the held-out answers."})
     rm_max_length: int | None = field(
         default=None,
         metadata={"help": "Truncate re-rendered conversations for the RM to this many tokens (from the left)."},
@@ -114,11 +159,20 @@ class ScriptArguments:
     def __post_init__(self):
         if isinstance(self.dataset_path, str):
             self.dataset_path = [self.dataset_path]
-        if (self.reward_model_path is None) == (self.reward_fn is None):
-            raise ValueError("give exactly one reward source: --reward_model_path DIR or --reward_fn module:function")
+        if isinstance(self.eval_dataset_path, str):
+            self.eval_dataset_path = [self.eval_dataset_path]
+        for name in ("reward_model_path", "reward_fn"):  # a YAML string or a single value is a list of one
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        if not self.reward_model_path and not self.reward_fn:
+            raise ValueError("give at least one reward source: --reward_model_path DIR and/or --reward_fn NAME")
+        sources = len(self.reward_model_path or []) + len(self.reward_fn or [])
+        if self.reward_weights is not None and len(self.reward_weights) != sources:
+            raise ValueError(f"--reward_weights: {len(self.reward_weights)} weights for {sources} reward sources "
+                             f"(order: every --reward_model_path, then every --reward_fn)")
         if self.value_model_init not in ("auto", "reward_model", "policy"):
             raise ValueError(f"--value_model_init must be auto, reward_model or policy, not '{self.value_model_init}'")
-        if self.value_model_init == "reward_model" and self.reward_model_path is None:
+        if self.value_model_init == "reward_model" and not self.reward_model_path:
             raise ValueError("--value_model_init reward_model needs --reward_model_path")
 
 
@@ -137,7 +191,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
     from rlhfkit.models import ensure_pad_token, load_causal_lm, load_tokenizer, resolve_model
     from rlhfkit.prompts import load_prompts
-    from rlhfkit.sampling import render_generation_prompt, stop_token_ids
+    from rlhfkit.sampling import pad_token_id, render_generation_prompt, stop_token_ids
     from rlhfkit.threads import follow as follow_thread_hint
 
     # ---------------------------------------------------------------- setup
@@ -169,16 +223,12 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     suppressed = ppo.suppressed_token_ids(tokenizer, args.suppress_tokens)
     ignored_generation_config = ppo.log_ignored_generation_config(policy)
 
-    if script_args.reward_model_path is not None:
-        reward = ppo.ModelReward(script_args.reward_model_path, model_args, script_args.rm_batch_size,
-                             script_args.rm_max_length)
-    else:
-        reward = ppo.FunctionReward(script_args.reward_fn)
-    norm_mode = args.reward_normalization
-    if norm_mode == "auto":
-        norm_mode = "rm_stats" if reward.stats is not None else "none"
-    if norm_mode == "rm_stats" and reward.stats is None:
-        raise UserError("--reward_normalization rm_stats: the reward model's run_info.json has no 'reward_stats'")
+    from rlhfkit.rl.model_rewards import ProcessReward, PreferenceReward
+
+    # every --reward_model_path (rm | pm | prm), then every --reward_fn, weighted (rlhfkit/rl/rewards.py)
+    sources = ppo.build_reward_sources(script_args, model_args)
+    reward = sources[0].source if len(sources) == 1 else None  # what the single-source features below look at
+    norm_mode = ppo.normalization_mode(args.reward_normalization, sources)
 
     ref_path = script_args.ref_model_path or policy_path
     ref_model = None
@@ -189,7 +239,9 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     value_model, value_tokenizer, value_source = None, None, None
     if args.estimator.needs_critic:
         value_model, value_tokenizer, value_source = ppo.build_value_model(
-            script_args, model_args, policy_path, tokenizer, reward, policy, vocab_before_pad
+            script_args, model_args, policy_path, tokenizer,
+            next((item.source for item in sources if isinstance(item.source, ppo.ModelReward)), None),
+            policy, vocab_before_pad
         )
     if args.gradient_checkpointing:
         kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
@@ -211,7 +263,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     )
 
     # ---------------------------------------------------------------- data
-    prompt_rows = load_prompts(script_args.dataset_path, max_prompts=script_args.max_prompts)
+    prompt_rows = load_prompts(script_args.dataset_path, max_prompts=script_args.max_prompts,
+                               keep_fields=(script_args.answer_field,))  # for verifiable rewards
     kept_rows, kept_ids, too_long = [], [], 0
     for row in prompt_rows:
         ids = render_generation_prompt(tokenizer, row["prompt"])
@@ -227,6 +280,17 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         raise UserError(
             f"{', '.join(script_args.dataset_path)}: no prompt fits --max_prompt_length {script_args.max_prompt_length}"
         )
+    eval_rows = []
+    if script_args.eval_dataset_path:
+        eval_rows = list(load_prompts(script_args.eval_dataset_path, keep_fields=(script_args.answer_field,)))
+    for item in sources:  # a verifiable reward refuses rows without what it compares with, before any training
+        if hasattr(item.source, "check_rows"):
+            item.source.check_rows(kept_rows, ", ".join(script_args.dataset_path))
+            if eval_rows:
+                item.source.check_rows(eval_rows, ", ".join(script_args.eval_dataset_path))
+    out.check_identity(resume_dir, (script_args, model_args, args), kept_rows,  # a resume is this run, or refused
+                       (policy_path, ref_path, *(script_args.reward_model_path or [])), tokenizer,
+                       accelerator.num_processes)
     per_step = args.rollout_batch_size * accelerator.num_processes
     if args.max_steps and args.max_steps > 0:
         total_steps = args.max_steps
@@ -249,8 +313,13 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     # after the trained model: accelerate has then resolved the DeepSpeed config's "auto" values they reuse
     if ref_model is not None:
         ref_model = ppo.prepare_frozen(ref_model, accelerator)
-    if isinstance(reward, ppo.ModelReward):
-        reward.model = ppo.prepare_frozen(reward.model, accelerator)
+    ppo.place_reward_models(sources, accelerator)
+    if isinstance(reward, PreferenceReward) and args.num_samples_per_prompt == 1:  # baseline: the reference's greedy
+        from rlhfkit.rl.model_rewards import greedy_generator
+
+        reference_for_baseline = ref_model if ref_model is not None else accelerator.unwrap_model(model).policy
+        reward.attach_reference(greedy_generator(reference_for_baseline, tokenizer, args.max_new_tokens, stop_ids,
+                                                 suppressed, adapter_off=ref_model is None))
 
     kl_controller = ppo.kl_controller(args)
     moments = ppo.RunningMoments()
@@ -270,33 +339,68 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     if accelerator.is_main_process:  # rewritten from the checkpoint's history so a resumed log has no duplicates
         log_file.write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
     unwrapped = accelerator.unwrap_model(model)
+    rollout_engine = None
+    if args.use_vllm:  # colocated vLLM: gets the policy's weights now (the resumed ones on resume), checked
+        from rlhfkit.rl.vllm_rollout import VLLMRollout
+
+        rollout_engine = VLLMRollout(unwrapped.policy, tokenizer, args, stop_ids, suppressed, accelerator,
+                                     max_model_len=script_args.max_prompt_length + args.max_new_tokens)
+        rollout_engine.sync(unwrapped.policy, start_step)
     micro = args.per_device_train_batch_size
     save_every = int(args.save_steps) if str(args.save_strategy).lower().endswith("steps") and args.save_steps else 0
     progress = tqdm(total=total_steps, initial=start_step, desc="ppo",
                     disable=args.disable_tqdm or not accelerator.is_local_main_process)
     logger.info("PPO: %d steps × %d prompts × %d samples, estimator %s, value model %s, reward %s",
                 total_steps, per_step, args.num_samples_per_prompt, args.advantage_estimator, value_source,
-                reward.describe())
+                [item.source.describe() for item in sources])
+    eval_keys = ["reward", *(item.key for item in sources)]
+    eval_before = None
+    if eval_rows and start_step == 0:  # a resumed run has no untrained policy left to evaluate
+        with unwrap_model_for_generation(model, accelerator) as generator, accelerator.autocast():
+            eval_before = ppo.evaluate_policy(generator.policy, tokenizer, eval_rows, sources, args, stop_ids,
+                                              suppressed, accelerator, script_args.eval_temperature, args.seed)
+        logger.info("held-out before training: %s", {key: round(sum(r[key] for r in eval_before) / len(eval_before), 4)
+                                                     for key in eval_keys})
 
     # preemption (SIGTERM/SIGUSR1): checkpoint at the end of the step, exit 75 (rlhfkit/faults.py)
     guard = PreemptionGuard.from_args(args)
     for step in range(start_step, total_steps):
         follow_thread_hint()  # take the cores a finished partner stage left (RLHFKIT_THREADS_FILE)
-        # -- rollout --
+        # -- rollout and score -- (with --dynamic_sampling: generation batches until enough groups carry a signal)
         t0 = time.perf_counter()
-        positions = ppo.prompt_positions(step, per_step, len(kept_rows), args.seed)
-        mine = positions[accelerator.process_index * args.rollout_batch_size:][: args.rollout_batch_size]
-        seeds = ppo.rollout_seeds(args.seed, step, mine)
-        model.eval()
-        # under --bf16 the sampler runs in the same autocast as the log-prob forwards (one distribution)
-        with unwrap_model_for_generation(model, accelerator) as generator, accelerator.autocast():
-            batch = ppo.rollout(generator.policy, tokenizer, [kept_rows[i] for i in mine], [kept_ids[i] for i in mine],
-                            seeds, args, stop_ids, accelerator.device)
-        t1 = time.perf_counter()
-        # -- score --
-        raw, scores = ppo.score(reward, batch, args, norm_mode, moments, accelerator,
-                            script_args.reward_fn or script_args.reward_model_path)
+        used_positions: set[int] = set()
+        scoring_seconds = [0.0]
+
+        def draw(index: int, step=step, used_positions=used_positions, scoring_seconds=scoring_seconds):
+            positions = ppo.draw_positions(step, index, per_step, len(kept_rows), args.seed, used_positions)
+            used_positions.update(positions)
+            mine = positions[accelerator.process_index * args.rollout_batch_size:][: args.rollout_batch_size]
+            seeds = ppo.rollout_seeds(args.seed, step if index == 0 else f"{step}.{index}", mine)
+            model.eval()
+            # under --bf16 the sampler runs in the same autocast as the log-prob forwards (one distribution)
+            if rollout_engine is not None:
+                batch = ppo.rollout(None, tokenizer, [kept_rows[i] for i in mine], [kept_ids[i] for i in mine], seeds,
+                                    args, stop_ids, accelerator.device, sampler=rollout_engine.generate)
+            else:
+                with unwrap_model_for_generation(model, accelerator) as generator, accelerator.autocast():
+                    batch = ppo.rollout(generator.policy, tokenizer, [kept_rows[i] for i in mine],
+                                        [kept_ids[i] for i in mine], seeds, args, stop_ids, accelerator.device)
+            rows = [kept_rows[i] for i in mine for _ in range(args.num_samples_per_prompt)]
+            begin = time.perf_counter()
+            scored = ppo.score(sources, batch, rows, args, norm_mode, moments, accelerator)
+            scoring_seconds[0] += time.perf_counter() - begin
+            return batch, rows, scored
+
+        batch, rows, scored, sampling_metrics = ppo.collect_rollouts(draw, args, accelerator, pad_token_id(tokenizer))
+        raw, scores = scored.raw, scored.scores
+        step_rewards = None
+        if isinstance(reward, ProcessReward) and str(args.estimator) in ("gae", "reinforce_pp"):  # at step ends
+            from rlhfkit.rl.model_rewards import per_token_scores
+
+            step_rewards = reward.token_rewards(batch.prompts, batch.texts, batch.responses, batch.mask, tokenizer)
+            scores = per_token_scores(raw, batch.has_stop, args.missing_eos_penalty)
         t2 = time.perf_counter()
+        t1 = t2 - scoring_seconds[0]
         # -- advantages --
         logprobs, values = ppo.forward_rollout(model, batch, micro, args.temperature)
         with accelerator.autocast():  # the frozen reference is not wrapped by accelerate; same precision as the policy
@@ -304,13 +408,19 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
                                                   suppressed)
         kl = ppo.token_kl(args, logprobs, ref_logprobs, batch.mask)
         kl_coef = kl_controller.value
-        advantages, returns = ppo.compute_advantages(args, scores, kl, batch.mask, values, kl_coef)
+        advantages, returns = ppo.compute_advantages(args, scores, kl, batch.mask, values, kl_coef, step_rewards)
+        vllm_metrics = {}
+        if rollout_engine is not None and args.vllm_importance_sampling_correction:
+            advantages, vllm_metrics = rollout_engine.importance_correction(advantages, logprobs, batch)
         # -- update --
         stats = ppo.ppo_update(model, optimizer, scheduler, accelerator, args, batch, logprobs, ref_logprobs,
                            advantages, values, returns)
         t3 = time.perf_counter()
+        if rollout_engine is not None:  # the updated policy into the engine, checked; stops here if it is not there
+            vllm_metrics.update(rollout_engine.sync(unwrapped.policy, step + 1))
 
         local = ppo.rollout_metrics(batch, raw, scores, logprobs, ref_logprobs, kl, kl_coef, values, returns)
+        local.update(ppo.reward_metrics(scored, batch.has_stop), **sampling_metrics)
         gathered = {key: accelerator.gather(value.float().reshape(1)).mean().item() for key, value in local.items()}
         stats = {key: accelerator.gather(torch.tensor([value], device=accelerator.device)).mean().item()
                  for key, value in stats.items()}
@@ -319,7 +429,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         row = {
             "step": step + 1, **gathered, **stats, "kl/coef": kl_coef, "lr": scheduler.get_last_lr()[0],
             "time/generation_s": generation_s, "time/scoring_s": scoring_s, "time/training_s": training_s,
-            "time/generation_share": generation_s / max(t3 - t0, 1e-9),
+            "time/generation_share": generation_s / max(t3 - t0, 1e-9), **vllm_metrics,
         }
         history.append(row)
         if accelerator.is_main_process:
@@ -338,7 +448,21 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
             (lambda done=step + 1: ppo.save_checkpoint(accelerator, out, done, history, args.save_total_limit)),
             out.checkpoints / f"checkpoint-{step + 1}", accelerator.device, accelerator.is_main_process)
     guard.uninstall()
+    if rollout_engine is not None:
+        rollout_engine.close()
     progress.close()
+    evaluation = None
+    if eval_rows:
+        with unwrap_model_for_generation(model, accelerator) as generator, accelerator.autocast():
+            eval_after = ppo.evaluate_policy(generator.policy, tokenizer, eval_rows, sources, args, stop_ids,
+                                             suppressed, accelerator, script_args.eval_temperature, args.seed)
+        evaluation = ppo.evaluation_summary(eval_before, eval_after, eval_keys, args.seed)
+        if accelerator.is_main_process:
+            for name, records in (("eval_before.jsonl", eval_before), ("eval_after.jsonl", eval_after)):
+                if records is not None:
+                    (out.staging / name).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        logger.info("held-out: %s", {key: {when: round(v["mean"], 4) for when, v in entry.items()}
+                                     for key, entry in evaluation.items()})
 
     # ---------------------------------------------------------------- save
     state_dict = accelerator.get_state_dict(model)  # collective: gathers 16-bit weights under ZeRO-3
@@ -364,12 +488,14 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         **{f"final/{k}": v for k, v in history[-1].items() if k != "step"},
         "time/generation_share_mean": sum(r["time/generation_share"] for r in history) / len(history),
         "prompts": {"kept": len(kept_rows), "dropped_too_long": too_long, "sources": prompt_rows.report},
+        **({"eval": evaluation} if evaluation is not None else {}),
     }
     run_info = {
         **parent_record({"path": policy_path, "stage": policy_record.get("parent_stage")},
                         model_args.model_name_or_path, policy_record),
         "reference_model": os.path.abspath(ref_path) if ref_model is not None else "policy with LoRA disabled",
-        "reward": reward.describe(),
+        "rollouts": {"backend": "vllm", **rollout_engine.settings} if rollout_engine is not None else {"backend": "hf"},
+        "reward": [{"key": item.key, "weight": item.weight, **item.source.describe()} for item in sources],
         "reward_normalization": norm_mode,
         "value_model": {
             "init": value_source, "dir": ppo.VALUE_MODEL_DIR if value_source and args.save_value_model else None

@@ -1,16 +1,16 @@
 """Build a reward-model preference dataset from public sources: the named RLHFlow mixtures or any set of sources.
 
-    python prepare_data.py --recipe mixture1 --source_dir data/raw --output_dir data/mixture1
-    python prepare_data.py --recipe mixture2 --decontaminate_against data/rewardbench.jsonl --output_dir data/m2
+    python prepare_data.py --mixture mixture1 --source_dir data/raw --output_dir data/mixture1
+    python prepare_data.py --mixture mixture2 --decontaminate_against data/rewardbench.jsonl --output_dir data/m2
     python prepare_data.py --shp_path shp/ --shp_max_pairs_per_prompt 3 --output_dir data/shp3
 
 Features
-  - one pure converter per source (rlhfkit/sources.py), from the columns on its dataset card to canonical pairs
+  - one pure converter per source (rlhfkit/mixtures/sources.py), from the columns on its dataset card to canonical pairs
     {"prompt", "chosen", "rejected", "source", "subset", "id"} (docs/internals.md);
   - the selection rules as flags: SHP score-ratio threshold and per-post cap, best-vs-random or all pairs for
     UltraFeedback/HelpSteer, tie handling, PKU safer/better/agree, PKU subsample size;
-  - `--recipe mixture1..mixture4`: the four published data mixtures (rlhfkit/mixtures.py; the flag keeps its old
-    name, and is not a stage YAML of configs/recipes/); explicit flags override a mixture's values;
+  - `--mixture mixture1..mixture4`: the four published data mixtures (rlhfkit/mixtures/catalog.py; `--recipe` is
+    its deprecated old name); explicit flags override a mixture's values;
   - `--decontaminate_against FILE`: drops pairs whose prompt shares an n-gram of `--decontamination_ngram`
     words with an evaluation prompt (RewardBench rows or our schema);
   - `--export_lmflow true`: also writes the pairs as LMFlow {"instances": [{"positive", "negative"}]}.
@@ -72,8 +72,8 @@ def _path_field(key: str):
 @dataclass
 class ScriptArguments:
     output_dir: str = field(default=None, metadata={"help": "Directory to write pairs.jsonl and manifest.json into."})
-    recipe: str | None = field(
-        default=None, metadata={"help": f"Named data mixture (rlhfkit/mixtures.py; not a configs/recipes/ YAML): "
+    mixture: str | None = field(
+        default=None, metadata={"help": f"Named data mixture (rlhfkit/mixtures/catalog.py; old name --recipe): "
                                         f"{', '.join(MIXTURES)}."})
     sources: list[str] | None = field(
         default=None, metadata={"help": f"Sources to build (default: the mixture's, else those given a path). "
@@ -133,8 +133,8 @@ class ScriptArguments:
     def __post_init__(self):
         if not self.output_dir:
             raise ValueError("--output_dir is required")
-        if self.recipe is not None and self.recipe not in MIXTURES:
-            raise ValueError(f"--recipe must be one of {', '.join(MIXTURES)}, not '{self.recipe}'")
+        if self.mixture is not None and self.mixture not in MIXTURES:
+            raise ValueError(f"--mixture must be one of {', '.join(MIXTURES)}, not '{self.mixture}'")
         for name in self.sources or []:
             if name not in SOURCES:
                 raise ValueError(f"--sources: unknown source '{name}' (known: {', '.join(SOURCES)})")
@@ -149,11 +149,11 @@ class ScriptArguments:
 def _sources_to_build(args: ScriptArguments) -> list[str]:
     if args.sources:
         return list(dict.fromkeys(args.sources))
-    if args.recipe:
-        return list(MIXTURES[args.recipe].sources)
+    if args.mixture:
+        return list(MIXTURES[args.mixture].sources)
     given = [key for key in SOURCES if getattr(args, f"{key}_path")]
     if not given:
-        raise UserError("nothing to build: pass --recipe, --sources, or at least one --<source>_path")
+        raise UserError("nothing to build: pass --mixture, --sources, or at least one --<source>_path")
     return given
 
 
@@ -182,10 +182,10 @@ def main(script_args: ScriptArguments) -> dict:
     """Build the dataset; returns the manifest (also written to OUTPUT_DIR/manifest.json)."""
     # ---------------------------------------------------------------- setup
     setup_logging()
-    options = resolve_options(script_args.recipe, script_args.selection_overrides())
+    options = resolve_options(script_args.mixture, script_args.selection_overrides())
     revisions = parse_hub_revisions(script_args.hub_revision)
     keys = _sources_to_build(script_args)
-    mixture = MIXTURES.get(script_args.recipe) if script_args.recipe else None
+    mixture = MIXTURES.get(script_args.mixture) if script_args.mixture else None
     decontaminator = None
     if script_args.decontaminate_against:
         eval_prompts = []
@@ -219,7 +219,7 @@ def main(script_args: ScriptArguments) -> dict:
                     report.kept, report.dropped_rows or "{}", {k: v for k, v in report.dropped_pairs.items() if v})
 
     manifest = {
-        "recipe": script_args.recipe,
+        "recipe": script_args.mixture,
         "recipe_description": mixture.description if mixture else None,  # key names kept: manifests stay comparable
         "seed": script_args.seed,
         "split": script_args.split,

@@ -135,7 +135,9 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
     # ---------------------------------------------------------------- train
     # the staging dir appears only now, so bad input above leaves nothing behind
-    output, resume_from = StageOutput.for_trainer(training_args, "rm", overwrite=model_args.overwrite_output_dir)
+    output, resume_from = StageOutput.for_trainer(training_args, "rm", overwrite=model_args.overwrite_output_dir,
+                                                  arguments=(script_args, model_args), dataset=train_rows,
+                                                  model=model_path, tokenizer=tokenizer)  # a resume is this run
     trainer_cls, extra = RewardModelTrainer, {}
     pairwise = {"pairwise_forward": script_args.pairwise_forward,
                 "max_tokens_per_batch": script_args.max_tokens_per_batch}

@@ -111,7 +111,9 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
 
     # ---------------------------------------------------------------- train
     # the staging dir appears only now, so bad input above leaves nothing behind
-    stage, resume_from = StageOutput.for_trainer(training_args, "sft", overwrite=model_args.overwrite_output_dir)
+    stage, resume_from = StageOutput.for_trainer(training_args, "sft", overwrite=model_args.overwrite_output_dir,
+                                                 arguments=(script_args, model_args), dataset=train_rows,
+                                                 model=model_path, tokenizer=tokenizer)  # a resume is this run
     trainer = build_trainer(SFTTrainer, model, tokenizer, training_args, train_dataset, eval_dataset, lora)
     install_fault_handlers(trainer, training_args)
     # TRL drops rows left with no trained token after truncation (e.g. a prompt alone filling max_length)

@@ -56,6 +56,10 @@ class ScriptArguments:
     )
     chunk_size: int = field(default=1024, metadata={"help": "Responses handed to the labeler per call (progress granularity)."})
     chat_template: str | None = field(default=None, metadata={"help": "RM chat template if its tokenizer has none."})
+    tournament: str = field(default="round_robin", metadata={"help": "A pairwise preference model (pm_train.py) as "
+                            "--labeler ranks each prompt's K responses: round_robin (every pair, both orders; reward "
+                            "= wins + 0.5·ties) | knockout (K−1 comparisons; reward = rounds won). See "
+                            "rlhfkit/preference_model.py."})
 
     def __post_init__(self):
         if not self.dataset_path or not self.output_dir:
@@ -64,6 +68,8 @@ class ScriptArguments:
             raise ValueError("give exactly one of --reward_model_path and --labeler")
         if self.batch_size < 1 or self.chunk_size < 1:
             raise ValueError("--batch_size and --chunk_size must be ≥ 1")
+        if self.tournament not in ("round_robin", "knockout"):
+            raise ValueError(f"--tournament must be round_robin or knockout, not '{self.tournament}'")
 
 
 ARGUMENTS = (ScriptArguments, PairArguments)  # what main takes, in order (CLI, YAML, tests)
@@ -72,9 +78,18 @@ ARGUMENTS = (ScriptArguments, PairArguments)  # what main takes, in order (CLI, 
 def score_rows(rows: list[dict], labeler, chunk_size: int, show_progress: bool = True) -> list[list[float]]:
     """Rewards per row, one per response, from `labeler(prompts, responses)` called on chunks of responses."""
     flat = [(index, response) for index, row in enumerate(rows) for response in row["responses"]]
+    # chunks end at row boundaries: a labeler that compares a prompt's responses (a preference model's tournament)
+    # must see all of them in one call
+    chunks, current = [], []
+    for index, row in enumerate(rows):
+        current.extend((index, response) for response in row["responses"])
+        if len(current) >= chunk_size:
+            chunks.append(current)
+            current = []
+    if current:
+        chunks.append(current)
     scores: list[float] = []
-    for start in tqdm(range(0, len(flat), chunk_size), desc="scoring", disable=not show_progress):
-        chunk = flat[start : start + chunk_size]
+    for chunk in tqdm(chunks, desc="scoring", disable=not show_progress):
         scores.extend(labeler([rows[i]["prompt"] for i, _ in chunk], [response for _, response in chunk]))
     if len(scores) != len(flat):
         raise UserError(f"labeler returned {len(scores)} scores for {len(flat)} responses")
@@ -100,12 +115,17 @@ def main(args: ScriptArguments, pair_args: PairArguments) -> dict:
     output = StageOutput(args.output_dir, "annotate", overwrite=args.overwrite_output_dir)
 
     # ---------------------------------------------------------------- model & labeler
+    from rlhfkit.preference_model import is_preference_model
+
+    if args.reward_model_path and is_preference_model(args.reward_model_path):
+        args.labeler, args.reward_model_path = args.reward_model_path, None  # a PM is a labeler, not a scalar RM
     if args.reward_model_path:
         labeler = RewardModelScorer(args.reward_model_path, args.batch_size, args.max_length, state.device,
                                     chat_template=args.chat_template,
                                     accelerator=state if state.num_processes > 1 else None, progress=False)
     else:
-        labeler = load_labeler(args.labeler)
+        labeler = load_labeler(args.labeler, tournament=args.tournament, batch_size=args.batch_size,
+                               max_length=args.max_length, device=state.device)
     logger.info("scoring with %s", labeler.info)
 
     # ---------------------------------------------------------------- data

@@ -5,6 +5,13 @@ together vs each response in its own padded row).
     python benchmarks/bench_pairwise.py                                   # all three, SmolLM2-135M, HH pairs
     python benchmarks/bench_pairwise.py --task rm --steps 2 --repeats 2 --batch_size 8 --max_length 1024
     python benchmarks/bench_pairwise.py --model tiny-random-llama --steps 4   # a quick smoke run
+    python benchmarks/bench_pairwise.py --task rm --family qwen3          # a Qwen3 (or gemma3) at SmolLM2-135M's size
+
+`--family qwen3|gemma3` builds that architecture from a config at SmolLM2-135M's size (30 layers, width 576, 9 heads,
+3 KV heads, MLP 1536, SmolLM2's tokenizer and vocabulary; Gemma3 with its 5:1 sliding/global layers), random weights
+(timing only), so `auto` is shown choosing the layout by checking a model that is not Llama-shaped. The "ours" rows
+also report what that check cost (`rlhfkit.pairwise.check_layout`, run once before the first batch) against a
+100-step run at the measured speed.
 
 Every run is its own process (peak RSS is per process); baseline and ours alternate (B, O, B, O, …) so a machine
 that slows down or speeds up mid-benchmark biases neither; the table shows the median of the repeats. Printed per
@@ -135,28 +142,74 @@ class Counter:
 # ---------------------------------------------------------------------------------------------------------------
 # workers (one per process)
 # ---------------------------------------------------------------------------------------------------------------
+SMOLLM2_135M_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True)
+
+
+def family_model(family: str, path: str, head: str):
+    """A reward model ("reward") or causal LM ("causal") of `family` at SmolLM2-135M's size with random weights;
+    "smollm2" loads the built-in checkpoint itself."""
+    import transformers
+
+    from rlhfkit.models import load_causal_lm, load_reward_model
+
+    if family == "smollm2":
+        return load_reward_model(path, new_head=True) if head == "reward" else load_causal_lm(path)
+    vocab = transformers.AutoConfig.from_pretrained(path).vocab_size
+    if family == "qwen3":
+        config = transformers.Qwen3Config(**SMOLLM2_135M_SHAPE, head_dim=64, vocab_size=vocab)
+    elif family == "gemma3":
+        config = transformers.Gemma3TextConfig(**SMOLLM2_135M_SHAPE, head_dim=64, vocab_size=vocab,
+                                               sliding_window=512, sliding_window_pattern=6)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    config.num_labels = 1
+    cls = transformers.AutoModelForSequenceClassification if head == "reward" else transformers.AutoModelForCausalLM
+    return cls.from_config(config, attn_implementation="sdpa")
+
+
+def timed_layout_check() -> dict:
+    """Wrap rlhfkit.pairwise.check_layout so the worker can report what choosing the layout cost."""
+    from rlhfkit import pairwise as pw
+
+    spent = {"check_seconds": 0.0, "checks": 0}
+    check = pw.check_layout
+
+    def timed(model, kind):
+        start = time.perf_counter()
+        try:
+            return check(model, kind)
+        finally:
+            spent["check_seconds"] += time.perf_counter() - start
+            spent["checks"] += 1
+
+    pw.check_layout = timed
+    return spent
+
+
 def worker(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from rlhfkit.models import ensure_pad_token, load_causal_lm, load_reward_model, load_tokenizer, resolve_model
+    check_cost = timed_layout_check()
+    from rlhfkit.models import ensure_pad_token, load_tokenizer, resolve_model
 
     path, _ = resolve_model(args.model)
     rows, _ = load_rows(args.seed)
     peak = matmul_peak_gflops()
     tokenizer = load_tokenizer(path)
     if args.task == "annotate":
-        return {"peak_gflops": peak, **annotate_worker(args, path, rows, tokenizer)}
+        return {"peak_gflops": peak, **annotate_worker(args, path, rows, tokenizer), **check_cost}
     ensure_pad_token(tokenizer)
     rows = fitting_rows(rows, tokenizer, args.max_length, args.steps * args.batch_size)
     torch.manual_seed(args.seed)
     if args.task == "rm":
-        model = load_reward_model(path, new_head=True)
+        model = family_model(args.family, path, "reward")
         ensure_pad_token(tokenizer, model)
         trainer, counter = rm_trainer(args, model, tokenizer, rows)
         start, cpu_start = time.perf_counter(), time.process_time()
     else:
-        model = load_causal_lm(path)
+        model = family_model(args.family, path, "causal")
         ensure_pad_token(tokenizer, model)
         # DPO: the reference precomputation (in the constructor) is timed too
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -164,7 +217,8 @@ def worker(args) -> dict:
     trainer.train()
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return {"seconds": seconds, "cpu_seconds": cpu, "peak_gflops": peak, **counter.totals,
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "pairwise_layout": getattr(trainer, "pairwise_layout", "padded"), **check_cost}
 
 
 def _training_config(cls, args, **extra):
@@ -227,12 +281,12 @@ def annotate_worker(args, path, rows, tokenizer) -> dict:
     with a fresh head: ours groups them by prompt, the baseline gives each response its own padded row."""
     import torch
 
-    from rlhfkit.models import ensure_pad_token, load_reward_model
+    from rlhfkit.models import ensure_pad_token
     from rlhfkit.pairwise import batched_plans, choose_layout
     from rlhfkit.scoring import encode_conversations, prompt_groups, score_ids
 
     torch.manual_seed(args.seed)
-    model = load_reward_model(path, new_head=True).eval()
+    model = family_model(args.family, path, "reward").eval()
     ensure_pad_token(tokenizer, model)
     conversations = []
     for i in range(args.prompts):
@@ -245,14 +299,14 @@ def annotate_worker(args, path, rows, tokenizer) -> dict:
     # the baseline is the per-response path as it was: every response its own row, batches sorted by length
     layout = "padded" if args.variant == "baseline" else "auto"
     groups = None if args.variant == "baseline" else groups
-    kind = choose_layout(model, layout, quiet=True)
+    kind = choose_layout(model, layout)
     counter = Counter(lambda batch: batch, model, training=False, lm_head=False)
     for _, plan in batched_plans(sequences, groups, args.batch_size, kind, tokenizer.pad_token_id):
         counter.count(plan.to_inputs())
     start, cpu_start = time.perf_counter(), time.process_time()
     score_ids(model, tokenizer.pad_token_id, sequences, args.batch_size, groups=groups, layout=layout)
     return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start, **counter.totals,
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "pairwise_layout": kind}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,6 +319,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="all", choices=["all", "rm", "dpo", "annotate"])
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--family", default="smollm2", choices=["smollm2", "qwen3", "gemma3"],
+                        help="smollm2: the --model checkpoint; qwen3/gemma3: that architecture built from a config at "
+                             "SmolLM2-135M's size, random weights, --model's tokenizer")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=8, help="pairs per step (annotation: sequences per forward)")
     parser.add_argument("--max_length", type=int, default=1024)
@@ -290,8 +347,9 @@ def main() -> None:
         materialize(args.model)  # convert once, outside the timed processes
     _, source = load_rows(args.seed)
     tasks = ["rm", "dpo", "annotate"] if args.task == "all" else [args.task]
-    report = {"model": args.model, "data": source, "runs": {}}
-    print(f"model {args.model}; data: {source}; {args.threads} threads; {args.repeats} repeats, alternated")
+    report = {"model": args.model, "family": args.family, "data": source, "runs": {}}
+    print(f"model {args.model} (family {args.family}); data: {source}; {args.threads} threads; {args.repeats} repeats, "
+          "alternated")
     for task in tasks:
         runs = {"baseline": [], "ours": []}
         for _ in range(args.repeats):
@@ -305,6 +363,7 @@ def main() -> None:
 
 def run_worker(args, task: str, variant: str) -> dict:
     argv = [sys.executable, __file__, "--task", task, "--variant", variant, "--model", args.model,
+            "--family", args.family,
             "--steps", str(args.steps), "--batch_size", str(args.batch_size), "--max_length", str(args.max_length),
             "--prompts", str(args.prompts), "--k", str(args.k), "--threads", str(args.threads),
             "--seed", str(args.seed)]
@@ -342,6 +401,14 @@ def print_table(task: str, args, runs: dict) -> None:
     # per process there is no spin-waiting to inflate them)
     print(f"CPU-time ratio (baseline / ours, median CPU seconds {cpu['baseline']:.1f} / {cpu['ours']:.1f}): "
           f"{cpu['baseline'] / cpu['ours']:.2f}x")
+    ours = runs["ours"]
+    check = statistics.median(r["check_seconds"] for r in ours)
+    line = (f"layout under auto: {ours[0]['pairwise_layout']}; its check: {check:.2f} s median "
+            f"({ours[0]['checks']} layout(s) checked, once per process)")
+    if task in ("rm", "dpo"):
+        per_step = medians["ours"] / args.steps
+        line += f" = {100 * check / (100 * per_step):.2f}% of a 100-step run at {per_step:.1f} s/step"
+    print(line)
 
 
 if __name__ == "__main__":

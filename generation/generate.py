@@ -10,9 +10,16 @@ Output: `OUT/gen/generations.jsonl`, one row per prompt in prompt-set order:
 plus metrics.json (prompts, samples, tokens/s), args.yaml and run_info.json (the stage contract).
 
 Features:
-- Backends: vLLM when installed and a GPU is visible (`--backend auto`), one request per prompt with n=K; else
-  our batched HF decoding loop (`rlhfkit.sampling.decode`: left padding, KV cache, each prompt prefilled once for
-  its K samples, a row dropped from the batch at its stop token: EOS or the chat template's end-of-turn token).
+- Backends (`--backend auto`): vLLM whenever it imports and supports the model, on a GPU or a CPU
+  (`generation/vllm_backend.py`: an engine in this process, one request per prompt with n=K; the CPU settings are
+  `rlhfkit.vllm_engine`'s); else our batched HF decoding loop (`rlhfkit.sampling.decode`: left padding, KV cache,
+  each prompt prefilled once for its K samples, a row dropped from the batch at its stop token: EOS or the chat
+  template's end-of-turn token). With `--api_base URL [URL ...]`: running OpenAI-compatible vLLM servers
+  (`generation/serve.py` starts them), the prompts spread over them (`generation/api_client.py`: token-id prompts
+  on /v1/completions, bounded retries on connection errors and 5xx, a dead server's prompts retried on the others).
+  Every backend gets the same prompt token ids (our chat-template rendering) and writes the same row schema; the
+  vLLM and API backends give the same samples for the same seeds, and greedy text equal to the HF backend's up to
+  float rounding.
 - The checkpoint's generation_config.json: its logits processors (repetition_penalty, no_repeat_ngram_size,
   min_new_tokens, suppress_tokens, bad_words_ids, ...) apply, as `model.generate` would apply them, and are
   recorded in run_info.json; `--checkpoint_processors false` samples softmax(logits / temperature) only, which is
@@ -47,6 +54,7 @@ if __package__ in (None, ""):  # run as `python generation/generate.py`: make th
 
 import logging
 import time
+import types
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
@@ -85,14 +93,36 @@ class ScriptArguments:
                   "softmax(logits / temperature) only, like PPO's rollouts."},
     )
     seed: int = field(default=42, metadata={"help": "Base seed; each prompt's seed is derived from it and the prompt id."})
-    backend: str = field(default="auto", metadata={"help": "auto (vLLM if installed and a GPU is visible, else hf) | hf | vllm."})
+    backend: str = field(
+        default="auto",
+        metadata={"help": "auto (vLLM if it imports and supports the model, on GPU or CPU; else hf; api with "
+                  "--api_base) | hf | vllm | api."},
+    )
+    api_base: list[str] | None = field(
+        default=None,
+        metadata={"help": "URLs of running vLLM servers (e.g. http://127.0.0.1:8000 http://127.0.0.1:8001; "
+                  "generation/serve.py starts them): the prompts are spread over them."},
+    )
+    api_timeout: float = field(default=600.0, metadata={"help": "API: seconds to wait for one request's answer."})
+    api_max_retries: int = field(
+        default=3, metadata={"help": "API: a server failing more than this many times in a row is dropped; a prompt "
+                             "is tried at most (this + 1) x servers times."})
+    api_concurrency: int = field(default=8, metadata={"help": "API: requests in flight per server."})
+    api_wait_seconds: float = field(
+        default=60.0, metadata={"help": "API: how long to wait at start for every server's GET /health."})
     batch_size: int | None = field(
-        default=None, metadata={"help": "Prompts per generate call (default: 8 for hf, 256 for vllm); rows are saved per batch."}
+        default=None,
+        metadata={"help": "Prompts per generate call (default: 8 for hf, 256 for vllm and api); rows are saved per batch."},
     )
     local_index: int = field(default=0, metadata={"help": "This process's shard index (with --world_size)."})
     world_size: int = field(default=1, metadata={"help": "Number of shards run as separate processes; merge with merge_data.py."})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs per model replica."})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: fraction of GPU memory to use."})
+    kv_cache_gib: float | None = field(
+        default=None, metadata={"help": "vLLM: KV cache in GiB (CPU default: $VLLM_CPU_KVCACHE_SPACE, else 1; GPU "
+                                "default: from --gpu_memory_utilization)."})
+    max_model_len: int | None = field(
+        default=None, metadata={"help": "vLLM: prompt + response tokens per sequence (default: the model's)."})
     dtype: str = field(
         default="auto",
         metadata={"help": "float32 | bfloat16 | float16 | auto (the checkpoint's). On a CPU with AMX, bfloat16 "
@@ -117,8 +147,14 @@ class ScriptArguments:
             raise ValueError("--temperature must be ≥ 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("--top_p must be in (0, 1]")
-        if self.backend not in ("auto", "hf", "vllm"):
-            raise ValueError(f"--backend must be auto, hf or vllm, not '{self.backend}'")
+        if self.backend not in ("auto", "hf", "vllm", "api"):
+            raise ValueError(f"--backend must be auto, hf, vllm or api, not '{self.backend}'")
+        if self.api_base and self.backend not in ("auto", "api"):
+            raise ValueError(f"--api_base sends the prompts to servers: it cannot go with --backend {self.backend}")
+        if self.backend == "api" and not self.api_base:
+            raise ValueError("--backend api needs --api_base URL [URL ...]")
+        if self.api_max_retries < 0 or self.api_concurrency < 1 or self.api_timeout <= 0:
+            raise ValueError("--api_max_retries must be ≥ 0, --api_concurrency ≥ 1 and --api_timeout > 0")
         if self.world_size < 1 or not 0 <= self.local_index < self.world_size:
             raise ValueError(f"--local_index must be in [0, --world_size) (got {self.local_index} of {self.world_size})")
         if self.batch_size is not None and self.batch_size < 1:
@@ -179,21 +215,25 @@ def main(args: ScriptArguments) -> dict | None:
     shard_index, world_size = (
         (state.process_index, state.num_processes) if state.num_processes > 1 else (args.local_index, args.world_size)
     )
-    backend = args.backend
+    model_path, model_record = resolve_model(args.model_name_or_path)
+    backend = "api" if args.api_base else args.backend
     if backend == "auto":
-        backend = "vllm" if vllm_backend.usable() else "hf"
+        backend, why = vllm_backend.auto_backend(model_path, args.trust_remote_code)
+        logger.info("--backend auto: %s (%s)", backend, why)
     if backend == "vllm" and state.num_processes > 1:
         # vLLM starts its own workers per engine; under accelerate every process would claim all visible GPUs
         raise UserError("the vLLM backend shards with --local_index/--world_size (one process per GPU set, "
                         "CUDA_VISIBLE_DEVICES per shard), not with accelerate processes")
-    batch_size = args.batch_size or (256 if backend == "vllm" else 8)
+    batch_size = args.batch_size or (8 if backend == "hf" else 256)
     meta = run_meta(args, backend)
     output = StageOutput(args.output_dir, "generate", overwrite=args.overwrite_output_dir, resume=True)
 
     # ---------------------------------------------------------------- model & tokenizer
-    model_path, model_record = resolve_model(args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, args.chat_template, padding_side="left", trust_remote_code=args.trust_remote_code)
-    stop_ids = stop_token_ids(tokenizer)
+    generation_config = _generation_config(model_path) if backend != "hf" else None
+    # EOS, the template's end of turn and generation_config.json's eos_token_id (the HF path reads the latter from
+    # the loaded model below)
+    stop_ids = stop_token_ids(tokenizer, types.SimpleNamespace(generation_config=generation_config))
 
     # ---------------------------------------------------------------- data
     prompts = load_prompts(args.dataset_path, split=args.dataset_split, max_prompts=args.max_prompts,
@@ -203,6 +243,8 @@ def main(args: ScriptArguments) -> dict | None:
     done_before = shard.open_for_append(discard=args.overwrite_output_dir)
     assigned_ids = {prompts[i]["id"] for i in indices}
     _check_resumed_rows(done_before, meta, assigned_ids, shard.path)
+    output.check_identity(str(shard.path) if done_before else None, (args,), prompts, model_path, tokenizer,
+                          record=f"shard-{shard_index}-of-{world_size}")  # rows kept are from this same run
     written = {row["id"] for row in done_before}
     pending = [i for i in indices if prompts[i]["id"] not in written]
     logger.info("shard %d/%d: %d prompts, %d already written, %d to generate (backend %s, K=%d)",
@@ -213,19 +255,33 @@ def main(args: ScriptArguments) -> dict | None:
 
     # ---------------------------------------------------------------- generate
     generator, model = None, None  # loaded only when there is work: rerunning a finished shard just merges
-    processors = {}
+    processors, engine_record = {}, {}
     if pending:
         if args.num_threads is not None:
             import torch
 
             torch.set_num_threads(args.num_threads)
         if backend == "vllm":
+            import torch
+
+            threads = args.num_threads or torch.get_num_threads()
             generator = vllm_backend.VLLMGenerator(
-                model_path, args.tensor_parallel_size, args.dtype, args.gpu_memory_utilization,
-                seed=args.seed, trust_remote_code=args.trust_remote_code,
+                model_path, tokenizer, args.tensor_parallel_size, args.dtype, args.gpu_memory_utilization,
+                max_model_len=args.max_model_len, seed=args.seed, trust_remote_code=args.trust_remote_code,
+                kv_cache_gib=args.kv_cache_gib, cpu_threads=threads,
+                cpu_offset=shard_index * threads if world_size > 1 else None,  # CPU shards: each its own cores
             )
+            engine_record = generator.settings
+        elif backend == "api":
+            from generation.api_client import ApiGenerator
+
+            generator = ApiGenerator(args.api_base, tokenizer, timeout=args.api_timeout,
+                                     max_retries=args.api_max_retries, concurrency=args.api_concurrency,
+                                     wait_seconds=args.api_wait_seconds)
+            engine_record = {"api_base": " ".join(generator.bases), "served_model": generator.servers[0].model}
+        if generator is not None:
             if args.checkpoint_processors:
-                processors = checkpoint_processor_settings(_generation_config(model_path))
+                processors = checkpoint_processor_settings(generation_config)
         else:
             model = load_causal_lm(model_path, dtype=_dtype(args.dtype), trust_remote_code=args.trust_remote_code)
             model.to(state.device).eval()
@@ -244,7 +300,27 @@ def main(args: ScriptArguments) -> dict | None:
                 follow_thread_hint()  # take the cores a finished partner stage left (RLHFKIT_THREADS_FILE)
             batch = pending[start : start + batch_size]
             seeds = [derive_seed(args.seed, prompts[i]["id"]) for i in batch]
-            if generator is not None:
+
+            def row(position: int, outs: list[dict], batch=batch, seeds=seeds) -> dict:
+                i = batch[position]
+                return {
+                    "id": prompts[i]["id"],
+                    "prompt": prompts[i]["prompt"],
+                    "responses": [o["text"] for o in outs],
+                    "meta": {**meta, "prompt_seed": seeds[position], "finished": [o["finished"] for o in outs],
+                             "response_tokens": [len(o["token_ids"]) for o in outs]},
+                }
+
+            if backend == "api":
+                answered: dict[int, list[dict]] = {}
+                try:
+                    samples = generator.generate([prompt_ids[i] for i in batch], args.num_samples,
+                                                 args.max_new_tokens, args.temperature, args.top_p, seeds, stop_ids,
+                                                 processors, on_result=answered.__setitem__)
+                except UserError:  # no server left: keep what was answered, so a rerun continues after it
+                    shard.append([row(position, answered[position]) for position in sorted(answered)])
+                    raise
+            elif generator is not None:
                 samples = generator.generate([prompt_ids[i] for i in batch], args.num_samples, args.max_new_tokens,
                                              args.temperature, args.top_p, seeds, stop_ids, processors)
             else:
@@ -252,16 +328,8 @@ def main(args: ScriptArguments) -> dict | None:
                                          args.max_new_tokens, args.temperature, args.top_p, args.seed,
                                          prompt_seeds=seeds, stop_ids=stop_ids,
                                          checkpoint_processors=args.checkpoint_processors)
-            rows = []
-            for i, prompt_seed, outs in zip(batch, seeds, samples):
-                rows.append({
-                    "id": prompts[i]["id"],
-                    "prompt": prompts[i]["prompt"],
-                    "responses": [o["text"] for o in outs],
-                    "meta": {**meta, "prompt_seed": prompt_seed, "finished": [o["finished"] for o in outs],
-                             "response_tokens": [len(o["token_ids"]) for o in outs]},
-                })
-                new_tokens += sum(len(o["token_ids"]) for o in outs)
+            rows = [row(position, outs) for position, outs in enumerate(samples)]
+            new_tokens += sum(len(o["token_ids"]) for outs in samples for o in outs)
             shard.append(rows)
             bar.update(len(batch))
             elapsed = time.perf_counter() - started
@@ -284,6 +352,8 @@ def main(args: ScriptArguments) -> dict | None:
         "seconds": seconds,
         "processors": {key: value if isinstance(value, (int, float, str, list, bool)) else str(value)
                        for key, value in processors.items()},
+        "engine": {key: value if isinstance(value, (int, float, str, list, bool)) or value is None else str(value)
+                   for key, value in engine_record.items()},
         "meta": meta,
         "args": to_dict(args),
         "parent": parent_record(
@@ -309,6 +379,7 @@ def finalize(output: StageOutput, world_size: int, expected_ids: list[str] | Non
     """Merge the shards in `output.staging` into generations.jsonl and complete the stage (shared with merge_data)."""
     from rlhfkit.files import write_jsonl_atomic
 
+    output.lock_shared("merge")  # one merger at a time (merge_data.py or the main process here)
     rows, done = shards.merge_shards(output.staging, world_size, expected_ids)
     if len({d["prompt_fingerprint"] for d in done}) != 1:
         raise UserError(f"{output.staging}: the shards were run on different prompt sets")
@@ -337,6 +408,7 @@ def finalize(output: StageOutput, world_size: int, expected_ids: list[str] | Non
                     "report": first["prompt_report"]},
         "sampling": first["meta"],
         "generation_config_processors": first.get("processors", {}),
+        "vllm_engine": first.get("engine", {}),
         "outputs": {"generations": shards.OUTPUT_FILE},
     }
     final = output.finalize(run_info, metrics, first["args"])

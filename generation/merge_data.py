@@ -7,7 +7,8 @@
 Checks, each failing with one line: every shard finished; no prompt id written twice or outside its shard's
 assignment; every assigned prompt written; all shards ran on the same prompt set; and, with `--dataset_path`, the
 merged ids are exactly the ids of that prompt set (no gaps, nothing extra). Rows come out in prompt-set order, so
-the merged file equals what one unsharded run writes.
+the merged file equals what one unsharded run writes. The merge holds the output lock (`OUT.partial/LOCK`, like every
+other writer): a second merge of the same output is refused naming the first.
 """
 
 from __future__ import annotations

@@ -1,51 +1,34 @@
-"""The vLLM backend of generate.py (optional: `pip install 'rlhfkit[vllm]'`, needs a CUDA GPU).
+"""The vLLM backend of generate.py: an offline engine in this process, on a CUDA GPU or on a CPU.
 
-Only vLLM's stable offline interface is used: `vllm.LLM(...)`, `vllm.SamplingParams(...)`, `LLM.generate(prompts,
-sampling_params)` returning one `RequestOutput` per prompt whose `.outputs` are `CompletionOutput`s with `.index`,
-`.text`, `.token_ids` and `.finish_reason`. Prompts are passed as token ids rendered by our own chat-template code
-(`{"prompt_token_ids": [...]}`), so both backends see exactly the same prompt tokens and no double BOS.
+The engine comes from `rlhfkit.vllm_engine.make_engine` (the machine's settings: on a CPU the in-process engine,
+eager mode, no chunked prefill, a small KV cache, threads bound to this process's cores). Only vLLM's stable offline
+interface is used: `LLM.generate(prompts, sampling_params)` returning one `RequestOutput` per prompt whose `.outputs`
+are `CompletionOutput`s with `.index` and `.token_ids`.
 
-One request per prompt with `n=K` and the prompt's own seed (`SamplingParams.seed`), so a prompt's samples do not
-depend on batch or shard, as in the HF backend (the two backends' samples differ from each other).
+Same inputs and outputs as the HF backend (`rlhfkit.sampling.generate_batch`):
+- prompts are passed as token ids rendered by our own chat-template code (`{"prompt_token_ids": [...]}`), so both
+  backends see exactly the same prompt tokens (and no double BOS);
+- the response ids are cut after the first of our stop tokens and decoded by our tokenizer with
+  `skip_special_tokens=True` (vLLM's own incremental detokenization is switched off), so equal ids give equal text;
+- one request per prompt with `n=K` and the prompt's own seed (`SamplingParams.seed`): a prompt's samples do not
+  depend on its batch or shard, as in the HF backend. The two backends' *sampled* responses differ (different
+  random streams); greedy responses agree up to float rounding (tests/test_vllm_generation.py).
 
-GPU memory: vLLM keeps its weights and KV cache until the engine is torn down, and the next stage of a chain
-needs that memory. `VLLMGenerator.close()` (also on `with` exit and on error) deletes the engine, destroys vLLM's
-distributed state and empties the CUDA cache; generate.py also ends its process after the stage.
+Memory: vLLM keeps its weights and KV cache until the engine is torn down, and the next stage of a chain needs that
+memory; `VLLMGenerator.close()` (also on `with` exit and on error) closes the engine (`close_engine`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import importlib
-import importlib.util
 import logging
 from collections.abc import Sequence
 
 from rlhfkit.errors import UserError
+from rlhfkit.vllm_engine import close_engine, is_installed, make_engine, settings_of, unsupported_reason, usable
+
+__all__ = ["VLLMGenerator", "auto_backend", "is_installed", "usable", "vllm_processor_params"]
 
 logger = logging.getLogger(__name__)
-
-
-def is_installed() -> bool:
-    try:
-        return importlib.util.find_spec("vllm") is not None
-    except ValueError:  # a module injected into sys.modules without a spec
-        import sys
-
-        return "vllm" in sys.modules
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def usable() -> bool:
-    """vLLM installed and a GPU visible: what `--backend auto` picks vLLM on."""
-    return is_installed() and cuda_available()
-
 
 _VLLM_PARAMS = {"repetition_penalty": "repetition_penalty", "min_new_tokens": "min_tokens"}
 
@@ -60,35 +43,59 @@ def vllm_processor_params(settings: dict) -> dict:
     return {_VLLM_PARAMS[key]: value for key, value in settings.items()}
 
 
+def auto_backend(model_path: str, trust_remote_code: bool = False) -> tuple[str, str]:
+    """(`vllm` or `hf`, why) for `--backend auto`: vLLM whenever it imports and can run the model, on a GPU or a
+    CPU; the HF backend otherwise."""
+    if not is_installed():
+        return "hf", "vLLM is not installed"
+    import torch
+
+    # a first look without importing vLLM (seconds): a model the CPU engine cannot run needs no import
+    reason = unsupported_reason(model_path, cpu=not torch.cuda.is_available(), trust_remote_code=trust_remote_code,
+                                check_registry=False)
+    if reason is not None:
+        return "hf", f"vLLM cannot run this model: {reason}"
+    if not usable():
+        return "hf", "vLLM is installed but does not import (see the warning above)"
+    reason = unsupported_reason(model_path, trust_remote_code=trust_remote_code)
+    if reason is not None:
+        return "hf", f"vLLM cannot run this model: {reason}"
+    return "vllm", "vLLM imports and supports the model"
+
+
+def greedy_n(n: int, temperature: float) -> int:
+    """Samples to ask vLLM for: it refuses n > 1 with greedy decoding, whose K samples are all the same anyway (the
+    one answer is repeated K times)."""
+    return 1 if temperature <= 0 else n
+
+
 class VLLMGenerator:
+    """An engine for one model; `generate` takes prompt token ids and gives `generate_batch`-like samples."""
+
     def __init__(
         self,
         model_path: str,
+        tokenizer,
         tensor_parallel_size: int = 1,
         dtype: str = "auto",
         gpu_memory_utilization: float = 0.9,
         max_model_len: int | None = None,
         seed: int = 0,
         trust_remote_code: bool = False,
+        kv_cache_gib: float | None = None,
+        cpu_threads: int | None = None,
+        cpu_offset: int | None = None,
     ):
-        if not is_installed():
-            raise UserError("--backend vllm needs the 'vllm' package, which is not installed (pip install 'rlhfkit[vllm]')")
-        if not cuda_available():
-            raise UserError("--backend vllm needs a CUDA GPU and none is visible to this process (use --backend hf)")
-        vllm = importlib.import_module("vllm")
+        self.tokenizer = tokenizer
+        self.llm = None
+        self.llm = make_engine(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                               kv_cache_gib=kv_cache_gib, tensor_parallel_size=tensor_parallel_size,
+                               gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
+                               cpu_threads=cpu_threads, cpu_offset=cpu_offset, what="--backend vllm")
+        import vllm
+
         self._vllm = vllm
-        kwargs = dict(
-            model=model_path,
-            tokenizer=model_path,
-            tensor_parallel_size=tensor_parallel_size,
-            dtype=dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
-            seed=seed,
-            trust_remote_code=trust_remote_code,
-        )
-        if max_model_len is not None:
-            kwargs["max_model_len"] = max_model_len
-        self.llm = vllm.LLM(**kwargs)
+        self.settings = settings_of(self.llm)
 
     def generate(
         self,
@@ -107,15 +114,16 @@ class VLLMGenerator:
         mapped onto vLLM's own parameters; vLLM applies none of them to an explicit `SamplingParams` by itself.
         """
         extra = vllm_processor_params(processors or {})
+        asked = greedy_n(n, temperature)
         params = [
             self._vllm.SamplingParams(
-                n=n,
+                n=asked,
                 temperature=temperature,
                 top_p=top_p,
                 max_tokens=max_new_tokens,
                 seed=int(seed),
                 stop_token_ids=list(stop_ids),
-                skip_special_tokens=True,
+                detokenize=False,  # our tokenizer decodes the ids, as in the HF backend
                 **extra,
             )
             for seed in seeds
@@ -125,37 +133,28 @@ class VLLMGenerator:
         if len(outputs) != len(requests):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(requests)} prompts")
         results = []
-        for output in outputs:
+        for request, output in zip(requests, outputs):
+            if list(output.prompt_token_ids) != request["prompt_token_ids"]:
+                raise RuntimeError("vLLM answered with other prompt tokens than were sent (outputs out of order?)")
             completions = sorted(output.outputs, key=lambda c: c.index)
-            if len(completions) != n:
-                raise RuntimeError(f"vLLM returned {len(completions)} samples where n={n} were asked")
-            results.append(
-                [
-                    {"text": c.text, "token_ids": list(c.token_ids), "finished": c.finish_reason == "stop"}
-                    for c in completions
-                ]
-            )
+            if len(completions) != asked:
+                raise RuntimeError(f"vLLM returned {len(completions)} samples where n={asked} were asked")
+            samples = [self.sample(c.token_ids, stop_ids) for c in completions]
+            results.append(samples * (n // asked))
         return results
 
+    def sample(self, token_ids: Sequence[int], stop_ids: Sequence[int]) -> dict:
+        from rlhfkit.sampling import truncate_at_stop
+
+        ids, finished = truncate_at_stop(list(token_ids), stop_ids)
+        return {"text": self.tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids, "finished": finished}
+
     def close(self) -> None:
-        """Free the GPU memory vLLM holds (engine, KV cache, NCCL groups)."""
+        """Free what vLLM holds (engine, KV cache, GPU memory; on a CPU, this process's threads and affinity)."""
         if getattr(self, "llm", None) is None:
             return
-        del self.llm
-        self.llm = None
-        for module_name, function_name in (
-            ("vllm.distributed.parallel_state", "destroy_model_parallel"),
-            ("vllm.distributed.parallel_state", "destroy_distributed_environment"),
-        ):
-            with contextlib.suppress(Exception):  # the names moved between vLLM versions; each is optional
-                getattr(importlib.import_module(module_name), function_name)()
-        gc.collect()
-        with contextlib.suppress(Exception):
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        logger.info("vLLM engine closed and GPU memory released")
+        llm, self.llm = self.llm, None
+        close_engine(llm)
 
     def __enter__(self):
         return self

@@ -9,6 +9,7 @@
   backbone for reward models (`AutoModelForSequenceClassification`, num_labels=1; its head is new).
 - `tiny-random-llama`, `tiny-random-bert`: random weights built from a config, with a byte-level BPE tokenizer
   trained on the fly (the `tokenizers` library). Clearly random: for tests and smoke runs, never for results.
+  `tiny-random-llama-h32`: the same with head size 32 (vLLM's CPU attention takes none below 32).
 
 Each is materialised once as a plain Hugging Face directory under the cache (`$RLHFKIT_CACHE`, default
 `~/.cache/rlhfkit`) and then read from there like any local checkpoint. The only network access is
@@ -122,7 +123,8 @@ def train_tiny_tokenizer(vocab_size: int = 512):
     return fast
 
 
-def _build_tiny_llama(out: Path, seed: int = 0) -> None:
+def _build_tiny_llama(out: Path, seed: int = 0, name: str = "tiny-random-llama",
+                      heads: tuple[int, int] = (4, 2)) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -133,8 +135,8 @@ def _build_tiny_llama(out: Path, seed: int = 0) -> None:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads[0],
+        num_key_value_heads=heads[1],
         max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -145,8 +147,14 @@ def _build_tiny_llama(out: Path, seed: int = 0) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    _write_provenance(out, {"name": "tiny-random-llama", "kind": "random", "seed": seed,
+    _write_provenance(out, {"name": name, "kind": "random", "seed": seed,
                             "notes": "random weights; a tokenizer trained on a fixed word list; for tests only"})
+
+
+def _build_tiny_llama_h32(out: Path, seed: int = 0) -> None:
+    """tiny-random-llama with 2 heads of 32 (1 KV head) instead of 4 of 16: vLLM's CPU attention takes no head size
+    below 32, so this is the tiny model vLLM tests and smoke runs use."""
+    _build_tiny_llama(out, seed, name="tiny-random-llama-h32", heads=(2, 1))
 
 
 def _build_tiny_bert(out: Path, seed: int = 0) -> None:
@@ -373,6 +381,7 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "smollm2-135m-instruct": _build_smollm2,
     "minilm-l6": _build_minilm,
     "tiny-random-llama": _build_tiny_llama,
+    "tiny-random-llama-h32": _build_tiny_llama_h32,
     "tiny-random-bert": _build_tiny_bert,
 }
 
@@ -385,6 +394,7 @@ _STATIC: dict[str, dict] = {
                   "wheel_sha256": MINILM_SOURCE.wheel_sha256, "upstream": MINILM_SOURCE.upstream,
                   "license": MINILM_SOURCE.license},
     "tiny-random-llama": {"kind": "random"},
+    "tiny-random-llama-h32": {"kind": "random"},
     "tiny-random-bert": {"kind": "random"},
 }
 

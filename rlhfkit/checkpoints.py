@@ -12,8 +12,11 @@ overwriting. `release_all` (called by `rlhfkit.cli.run_stage` when a stage ends)
 failure, removes a staging dir this process created that holds nothing but its markers, so bad input writes nothing.
 
 `run_info.json` holds: stage, complete, toolkit version, arguments, parent checkpoint (path and stage), the model
-name as asked and as resolved, dataset paths and fingerprint, final metrics, and (reward models) the reward
-mean/std on the training data for normalisation in PPO.
+name as asked and as resolved, dataset paths and fingerprint, final metrics, (reward models) the reward
+mean/std on the training data for normalisation in PPO, and the run's `history` (its start and every resume, with
+what changed). After it, `checksums.json` (size and sha256 of every file) is written last, in checkpoints too;
+`check_parent` and the resume verify them, and a resume is compared with the run it continues
+(`rlhfkit.integrity`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import yaml
 
 from . import __version__
 from .errors import UserError
+from .integrity import CHECKSUMS, check_resume, collect_history, run_identity, verify_checksums, write_checksums
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +145,9 @@ def check_parent(path: str | os.PathLike, role: str = "model", expect_stage: str
         allowed = (expect_stage,) if isinstance(expect_stage, str) else expect_stage
         if stage not in allowed:
             raise UserError(f"{path}: expected a {' or '.join(allowed)} checkpoint for {role}, found a '{stage}' one")
-    return {"path": str(path), "stage": stage, "run_info": run_info}
+    # one process per machine reads the bytes (--verify_parent); a damaged file stops it, and the launcher the rest
+    verified = verify_checksums(path, what=f"{role} checkpoint") if _is_local_main_process() else "by another rank"
+    return {"path": str(path), "stage": stage, "run_info": run_info, "verified": verified}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,6 +312,15 @@ def _is_main_process() -> bool:
         return True
 
 
+def _is_local_main_process() -> bool:
+    try:
+        from .distributed import partial_state
+
+        return partial_state().is_local_main_process
+    except Exception:
+        return True
+
+
 def _wait_for_everyone() -> None:
     try:
         from .distributed import partial_state
@@ -313,6 +328,12 @@ def _wait_for_everyone() -> None:
         partial_state().wait_for_everyone()
     except Exception:
         pass
+
+
+def _to_dict(*instances) -> dict:
+    from .cli import to_dict
+
+    return to_dict(*instances)
 
 
 def resume_requested(value) -> bool:
@@ -390,6 +411,20 @@ class StageOutput:
             "This directory is being written by a stage that has not finished.\n", encoding="utf-8"
         )
 
+    def lock_shared(self, what: str = "merge") -> None:
+        """For stages whose processes share OUT.partial (generation shards, each locking its own shard file): take
+        the output lock for the step that only one process may do (the merge into OUT), like every other writer.
+        A second merger is refused naming the first; a lock left by a killed merger is taken over (the merge starts
+        again from the shards, which it removes only after writing the merged file)."""
+        if not self.staging.is_dir():
+            raise UserError(f"{self.staging}: gone: another process merged it into {self.final} meanwhile")
+        lock = RunLock(self.staging / LOCK_FILE, what=f"{self.stage} {what}")
+        try:
+            lock.acquire(takeover=True, stage=f"{self.stage} {what}")
+        except FileNotFoundError:  # the staging dir was renamed between the check and the lock
+            raise UserError(f"{self.staging}: gone: another process merged it into {self.final} meanwhile") from None
+        self.lock = lock
+
     def release(self, failed: bool = False) -> None:
         """Drop the lock. After a failure, remove the staging dir if this process created it and nothing but the
         markers is in it (bad input writes nothing); otherwise keep it for --resume_from_checkpoint."""
@@ -407,16 +442,42 @@ class StageOutput:
             self.lock.release()
 
     @classmethod
-    def for_trainer(cls, training_args, stage: str, overwrite: bool = False) -> tuple["StageOutput", str | None]:
+    def for_trainer(cls, training_args, stage: str, overwrite: bool = False, arguments: tuple = (), dataset=None,
+                    model=None, tokenizer=None) -> tuple["StageOutput", str | None]:
         """Set up a HF-Trainer stage: staging dir, the checkpoint to resume from, Trainer checkpoints redirected into
         `OUT.partial/checkpoints/` (`training_args.output_dir` points there from now on, because the Trainer writes
         its checkpoints into it). Returns (output, resume_from); `output.output_dir` is the final output dir as the
-        user gave it, and `finalize` writes that one into args.yaml, so stages have nothing to repair."""
+        user gave it, and `finalize` writes that one into args.yaml, so stages have nothing to repair.
+
+        The run's identity (`check_identity`): `arguments`, the stage's other parsed dataclasses (with
+        `training_args`, every flag), `dataset` the training rows, `model` the resolved model path, `tokenizer`."""
         output = cls(training_args.output_dir, stage, overwrite=overwrite,
                      resume=resume_requested(training_args.resume_from_checkpoint))
         resume_from = output.resolve_resume(training_args.resume_from_checkpoint)
+        output.check_identity(resume_from, (*arguments, training_args), dataset, model, tokenizer,
+                              getattr(training_args, "world_size", 1))
         training_args.output_dir = str(output.checkpoints)
         return output, resume_from
+
+    def check_identity(self, resuming_from: str | None, arguments: tuple | dict = (), dataset=None, model=None,
+                       tokenizer=None, num_processes: int = 1, record: str | None = None) -> dict:
+        """Record what this run is in the staging dir (`rlhfkit.integrity.run_identity`: `arguments`, the parsed
+        dataclasses or a flat dict; `dataset`, the training rows; `model`, a path or several; `tokenizer`; the
+        number of processes); when `resuming_from` a checkpoint (or the rows of an earlier run), first refuse, in
+        one line, any result-changing difference from what the interrupted run recorded (`--allow_changed_args`
+        lets named fields through). `record`: a name for one of several records in one dir (a generation shard).
+        Every process compares; the main one writes. `arguments` may be a ready identity (a dict with "arguments")."""
+        if isinstance(arguments, dict) and "arguments" in arguments:
+            identity = arguments
+        else:
+            flat = arguments if isinstance(arguments, dict) else _to_dict(*arguments)
+            identity = run_identity(flat, dataset, model, tokenizer, num_processes)
+        name = f"run_identity.{record}.json" if record else "run_identity.json"
+        # a named record (a shard) belongs to the process that writes that shard
+        result = check_resume(self.staging, identity, resuming_from, self.stage, record_name=name,
+                              write=bool(record) or _is_main_process())
+        _wait_for_everyone()
+        return result
 
     def last_checkpoint(self) -> str | None:
         """The `checkpoint-N` with the largest N under the staging dir, as HF Trainer names them."""
@@ -427,14 +488,21 @@ class StageOutput:
             match = re.fullmatch(r"checkpoint-(\d+)", entry.name)
             if not (match and entry.is_dir()):
                 continue
-            # Trainer writes trainer_state.json after the weights and optimizer: a checkpoint without it (or with a
-            # torn one, e.g. the disk filled up while writing it) was cut short, and resuming from it fails, so fall
-            # back to the one before
-            if _readable_json(entry / "trainer_state.json"):
+            # Trainer writes trainer_state.json after the weights and optimizer, and we write checksums.json after
+            # it: a checkpoint without them (or with a torn one, e.g. the disk filled up while writing it) was cut
+            # short, and resuming from it fails, so fall back to the one before
+            if _readable_json(entry / "trainer_state.json") and (entry / CHECKSUMS).is_file():
                 steps.append((int(match.group(1)), entry))
             else:
                 logger.warning("%s is incomplete (interrupted while saving); not resuming from it", entry)
-        return str(max(steps)[1]) if steps else None
+        for _, entry in sorted(steps, reverse=True):  # the newest whole one: a damaged one is skipped by name
+            try:
+                verify_checksums(entry, what="checkpoint")
+            except UserError as exc:
+                logger.warning("%s; not resuming from it", exc)
+                continue
+            return str(entry)
+        return None
 
     def resolve_resume(self, resume_from_checkpoint: str | None) -> str | None:
         """Map the user's `--resume_from_checkpoint` (true/false/path) onto a checkpoint dir or None."""
@@ -447,6 +515,7 @@ class StageOutput:
             return last
         if not Path(resume_from_checkpoint).is_dir():
             raise UserError(f"{resume_from_checkpoint}: --resume_from_checkpoint is not a directory")
+        verify_checksums(resume_from_checkpoint, what="checkpoint")  # named by the user: damage is an error
         return resume_from_checkpoint
 
     def finalize(self, run_info: dict, metrics: dict | None = None, args: dict | None = None) -> Path:
@@ -460,6 +529,7 @@ class StageOutput:
             if args is not None:
                 write_text_atomic(self.staging / ARGS_FILE, yaml.safe_dump(args, sort_keys=True))
             write_json_atomic(self.staging / METRICS, metrics)
+            history = collect_history(self.staging)  # the run's start and resumes (removes the identity records)
             files = sorted(
                 name
                 for name in os.listdir(self.staging)
@@ -477,7 +547,11 @@ class StageOutput:
             }
             if args is not None:
                 info.setdefault("arguments", args)
+            if history is not None:
+                info["history"] = history
             write_json_atomic(self.staging / RUN_INFO, info)
+            # last: the size and sha256 of every file (Trainer checkpoints under checkpoints/ have their own)
+            write_checksums(self.staging, skip={INCOMPLETE_MARKER, LOCK_FILE}, skip_dirs={CHECKPOINTS_SUBDIR})
             (self.staging / INCOMPLETE_MARKER).unlink()
             if self.checkpoints.is_dir() and not any(self.checkpoints.iterdir()):
                 self.checkpoints.rmdir()

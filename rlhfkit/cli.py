@@ -44,6 +44,34 @@ def _suggest(key: str, known: set[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+# One flag name per concept across the stages. The old names keep working for one release (0.2) with a one-line
+# note on stderr; a stage that still declares the old name itself (none should) keeps it untouched.
+RENAMED_FLAGS = {
+    "reward_name_or_path": "reward_model_path",
+    "ref_model_name_or_path": "ref_model_path",
+    "record_dir": "output_dir",
+    "recipe": "mixture",
+}
+
+
+def _renamed(key: str, known: set[str], where: str) -> str:
+    new = RENAMED_FLAGS.get(key)
+    if new is None or key in known or new not in known:
+        return key
+    print(f"note: {where}'{key}' is deprecated, use '{new}' (the old name goes in rlhfkit 0.2)", file=sys.stderr)
+    return new
+
+
+def _rename_argv(argv: list[str], known: set[str]) -> list[str]:
+    renamed = []
+    for token in argv:
+        if token.startswith("--"):
+            name, eq, value = token[2:].partition("=")
+            token = f"--{_renamed(name, known, '')}{eq}{value}"
+        renamed.append(token)
+    return renamed
+
+
 def _yaml_to_argv(path: str, known: set[str]) -> list[str]:
     try:
         with open(path, encoding="utf-8") as handle:
@@ -58,6 +86,7 @@ def _yaml_to_argv(path: str, known: set[str]) -> list[str]:
         raise UserError(f"{path}: a config file must be a mapping of argument names to values")
     argv: list[str] = []
     for key, value in config.items():
+        key = _renamed(str(key), known, f"{path}: key ")
         if key not in known:
             raise UserError(f"{path}: unknown key '{key}'{_suggest(str(key), known)}")
         if value is None:
@@ -87,14 +116,37 @@ def _machine_defaults(known: set[str], argv: list[str]) -> list[str]:
     return defaults
 
 
+@dataclasses.dataclass
+class IntegrityArguments:
+    """Flags every stage takes (added by `parse_args`, applied process-wide by `rlhfkit.integrity.configure`, not
+    passed to `main`): how hard to check the files a stage is about to trust, and what a resume may change."""
+
+    verify_parent: str = dataclasses.field(
+        default="full",
+        metadata={"help": "Check a parent checkpoint (and a checkpoint resumed from) against its checksums.json "
+                  "before using it: full (size and sha256 of every file: ~3 s of CPU for a 1B-parameter fp32 model), "
+                  "size (sizes only), none."},
+    )
+    allow_changed_args: list[str] = dataclasses.field(
+        default=None,
+        metadata={"help": "With --resume_from_checkpoint (or a rerun of generation shards): fields that may differ "
+                  "from the interrupted run although they change the result (argument names, or dataset, model, "
+                  "tokenizer, num_processes, toolkit_version); recorded in run_info.json."},
+    )
+
+
 def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
     """Parse `argv` (default: `sys.argv[1:]`) into one instance per dataclass type.
 
-    `--config path.yaml` may appear anywhere; its keys are the same names as the flags.
+    `--config path.yaml` may appear anywhere; its keys are the same names as the flags. The flags of
+    `IntegrityArguments` are parsed too and applied process-wide; they are not returned.
     """
+    from .integrity import configure
+
+    dataclass_types = [*dataclass_types, IntegrityArguments]
     parser = _parser(dataclass_types)
-    argv = list(sys.argv[1:] if argv is None else argv)
     known = _known_keys(parser)
+    argv = _rename_argv(list(sys.argv[1:] if argv is None else argv), known)
     config_argv: list[str] = []
     if "--config" in argv:
         index = argv.index("--config")
@@ -113,6 +165,8 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
         flag = remaining[0]
         name = flag.lstrip("-").split("=")[0]
         raise UserError(f"unknown argument '{flag}'{_suggest(name, known)}; see --help")
+    *parsed, integrity = parsed
+    configure(integrity.verify_parent, integrity.allow_changed_args or ())
     return tuple(parsed)
 
 

@@ -9,6 +9,8 @@ One call per Trainer stage, right after the trainer is built:
   `OUT.partial/checkpoints/` and exits with `EXIT_PREEMPTED` (75, EX_TEMPFAIL) and one line saying how to resume
   (the same command plus `--resume_from_checkpoint true`). A second signal stops at once, the default way. With
   several processes the flag is all-reduced every step, so every rank saves the same step (the save is collective).
+- **Checksums**: every Trainer checkpoint gets its `checksums.json` (size and sha256 of every file) after all its files
+  are written (`seal_checkpoint`, also called by PPO's `save_checkpoint`); resuming trusts only sealed checkpoints.
 - **Non-finite loss**: every micro-batch loss is checked; a NaN/inf stops training at the end of that step with one
   line naming the step, before anything is saved from the diverged weights, so the last checkpoint (which was finite)
   is what `--resume_from_checkpoint true` continues from.
@@ -179,6 +181,22 @@ def _last_checkpoint(directory) -> str | None:
     return str(max(done)[1]) if done else None
 
 
+def seal_checkpoint(checkpoint: str | os.PathLike, main_process: bool) -> None:
+    """Write the checkpoint's checksums.json, last, once every rank has written its files (collective: call on
+    every rank). `StageOutput.last_checkpoint` resumes only from a sealed checkpoint that still matches it."""
+    import torch.distributed as dist
+
+    from .integrity import write_checksums
+
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        dist.barrier()  # rank k writes its own RNG (and, sharded, optimizer) files into the same dir
+    if main_process and Path(checkpoint).is_dir():
+        write_checksums(checkpoint)
+    if distributed:
+        dist.barrier()  # no rank leaves (a preempted one exits) before the seal: the launcher would stop the rest
+
+
 def _trainer_callback_class():
     from transformers import TrainerCallback
 
@@ -206,8 +224,9 @@ def _trainer_callback_class():
             return control
 
         def on_save(self, args, state, control, **kwargs):
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            seal_checkpoint(checkpoint, self.main_process)
             if self.preempting:
-                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 self.guard.exit(state.global_step, checkpoint, self.main_process)
             return control
 

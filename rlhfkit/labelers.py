@@ -136,11 +136,14 @@ def _import_object(spec: str, flag: str = "--labeler") -> Any:
         raise UserError(f"{flag} '{spec}': module '{module_part}' has no attribute '{attr}'") from None
 
 
-def load_labeler(spec: str, flag: str = "--labeler", **reward_model_kwargs) -> CheckedLabeler:
+def load_labeler(spec: str, flag: str = "--labeler", tournament: str = "round_robin",
+                 **reward_model_kwargs) -> CheckedLabeler:
     """A labeler from a built-in name, a reward-model directory or an import path (see the module docstring).
 
     `flag` is the option the user typed (errors name it: `--labeler` in annotate/, `--reward_fn` in PPO).
-    `reward_model_kwargs` (batch_size, max_length, device) apply to reward-model directories only.
+    `reward_model_kwargs` (batch_size, max_length, device) apply to reward-model directories only; a pairwise
+    preference-model directory (pm_train.py) ranks the responses sharing a prompt by `tournament`
+    (rlhfkit.preference_model.PreferenceModelScorer).
     """
     if not spec:
         raise UserError(f"{flag} is required (e.g. 'vader', a reward-model directory, or 'module:function')")
@@ -148,6 +151,11 @@ def load_labeler(spec: str, flag: str = "--labeler", **reward_model_kwargs) -> C
         labeler = BUILTIN_LABELERS[spec]()
         return CheckedLabeler(labeler, spec, labeler.info)
     if os.path.isdir(spec) or os.path.isdir(spec.rstrip("/") + ".partial"):
+        from .preference_model import PreferenceModelScorer, is_preference_model
+
+        if is_preference_model(spec):
+            labeler = PreferenceModelScorer(spec, tournament=tournament, **reward_model_kwargs)
+            return CheckedLabeler(labeler, spec, labeler.info)
         labeler = RewardModelLabeler(spec, **reward_model_kwargs)
         return CheckedLabeler(labeler, spec, labeler.info)
     if ":" not in spec:

@@ -19,8 +19,13 @@ repeats its prompt and almost nothing is padding:
   output); log-probs are read only where the next token is scored: a forward pre-hook on the LM head hands it just
   those hidden states (the prefix's last position twice, once per suffix), so prompt positions cost no LM head.
 Because attention is causal, the prefix's hidden states are exactly those each sequence would compute alone, and each
-suffix sees exactly its own sequence: results equal the padded forward up to float reduction order (tests hold them
-to 1e-4 in fp32 on Llama, Qwen2, Mistral, Gemma, Gemma2 and GPT-2, and gradients to 1e-5).
+suffix sees exactly its own sequence: results equal the padded forward up to float reduction order — provided the
+model takes the 4D mask and the position ids as given. That is checked on the loaded model, not assumed from its name
+(`choose_layout`): models that cannot hold it are refused before running (encoder–decoders, ALiBi, a forward without
+`position_ids`: Falcon's reward model, Bloom, MPT), and before the first batch a small synthetic set of groups runs
+through the candidate layout and through each sequence alone, in the model's dtype; the fastest layout within the
+dtype's tolerance is kept (tests: every decoder family of the installed transformers, rewards and log-probs to 1e-4 in
+fp32, gradients to 1e-5; a model whose attention drops the mask is caught).
 
 `packed`: sequences back to back without sharing (each its own causal or, for encoders, bidirectional segment,
 positions restarting at 0). Encoders (BERT, RoBERTa, DeBERTa) get only this: bidirectional attention would let a
@@ -30,7 +35,8 @@ prefix see its suffixes, so sharing would change the result. `padded`: one seque
 Backends (`model.config._attn_implementation`): `sdpa` takes the boolean mask, `eager` an additive float mask,
 `flex_attention` a BlockMask built from the same rule, `flash_attention_2/3` only `packed` (varlen: one row, position
 ids restarting per sequence, no mask). The flex and flash paths are written and unit-tested on CPU where possible
-but have not run on a GPU. Anything else falls back to `padded` with one log line saying why.
+but have not run on a GPU (the layout check runs there too). Anything else falls back to `padded` with one log line
+saying why; a forced layout that cannot hold is a UserError.
 
 Written here because no maintained library does it: TRL's RewardTrainer has no padding-free mode and its DPO
 padding_free needs flash-attention and repeats the prompt; OpenRLHF packs without sharing; verl's PrefixGrouper does
@@ -51,22 +57,25 @@ PAIRWISE_FORWARDS = ("auto", "prefix_shared", "packed", "padded")
 PAIRWISE_FORWARD_HELP = (
     "How pairs and groups are laid out for the forward: prefix_shared (prompt computed once per pair/group, pairs "
     "packed without padding; decoders), packed (no padding, no sharing; encoders), padded (TRL's layout), auto "
-    "(the fastest exact one for the model). See rlhfkit/pairwise.py."
+    "(the fastest layout that gives the per-sequence results on the loaded model, checked before the first batch). "
+    "See rlhfkit/pairwise.py."
 )
 
-# Decoder families whose exactness under a custom 4D mask and explicit position ids is tested (tests/test_pairwise.py).
-# Others (e.g. ALiBi models that ignore position ids) fall back to `padded` under `auto`.
-VERIFIED_DECODERS = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gpt2"}
 # Encoders: the module that reads the first token's hidden state ([B, T, H] → uses [:, 0]) and the offset of their
 # absolute position ids (RoBERTa counts from padding_idx + 1).
 ENCODER_FIRST_TOKEN_MODULE = {"bert": "pooler", "roberta": "classifier", "xlm-roberta": "classifier",
                               "deberta": "pooler", "deberta-v2": "pooler"}
 _MASKABLE = ("sdpa", "eager", "flex_attention")
 _VARLEN = ("flash_attention_2", "flash_attention_3")
+# (atol, rtol) of the layout check per parameter dtype: |ours − per-sequence| ≤ atol + rtol·|per-sequence| for every
+# reward / token log-prob. fp32 is reduction-order noise (~1e-6 on 2-layer models); half precision keeps ~3 digits.
+# A wrong layout (a mask ignored, positions counted along the row) is off by the size of the values themselves.
+CHECK_TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float64: (1e-8, 1e-8), torch.float16: (2e-2, 2e-2),
+                   torch.bfloat16: (6e-2, 3e-2)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# choosing the layout for a model
+# choosing the layout for a model: refuse what cannot hold, then check the candidate on the loaded model
 # ---------------------------------------------------------------------------------------------------------------
 def _config(model):
     model = _unwrap(model)
@@ -87,46 +96,274 @@ def is_encoder(config) -> bool:
         not getattr(config, "is_decoder", True) and config.model_type in ("distilbert", "electra", "modernbert"))
 
 
-def choose_layout(model, requested: str = "auto", quiet: bool = False) -> str:
-    """The layout to use for `model`: the requested one if the model can take it, else the closest exact one.
+def _model_name(inner) -> str:
+    return f"{type(inner).__name__} ({inner.config.model_type})"
 
-    Returns one of "prefix_shared", "packed", "varlen" (packed for flash-attention: one row, no mask), "padded".
-    Every downgrade is logged, with the reason.
+
+def _uses_alibi(config) -> bool:
+    """ALiBi biases attention by distance computed from the 2D attention mask (`build_alibi_tensor`), not from
+    position ids: Bloom always, Falcon with `alibi=True`, MPT with `attn_config.alibi`."""
+    if config.model_type == "bloom" or getattr(config, "position_embedding_type", None) == "alibi":
+        return True
+    if getattr(config, "alibi", False) is True:
+        return True
+    attn_config = getattr(config, "attn_config", None)
+    alibi = attn_config.get("alibi") if isinstance(attn_config, dict) else getattr(attn_config, "alibi", False)
+    return bool(alibi)
+
+
+def _takes_position_ids(module) -> bool:
+    import inspect
+
+    return "position_ids" in inspect.signature(module.forward).parameters
+
+
+def layout_refusal(model) -> str | None:
+    """Why no packed layout can hold for this model, known before running it (None: it may, the check decides).
+
+    - encoder–decoder models: the decoder's causal mask and the encoder's are not ours to build;
+    - ALiBi (Bloom, MPT, Falcon with alibi=True): the bias is built from the 2D mask along the row;
+    - a forward without `position_ids` in its signature (the model's or its base model's): `**kwargs` swallow them
+      and the transformer counts positions along the packed row (FalconForSequenceClassification: rewards off by
+      0.2 on a 2-layer model, no error).
     """
-    if requested not in PAIRWISE_FORWARDS:
-        raise ValueError(f"--pairwise_forward must be one of {', '.join(PAIRWISE_FORWARDS)}, not '{requested}'")
-    if requested == "padded":
-        return "padded"
-    config = _config(model)
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    kind, reason = _choose(config, impl, requested)
-    if reason and not quiet:
-        logger.info("pairwise forward: %s instead of %s: %s", kind, requested, reason)
-    return kind
-
-
-def _choose(config, impl: str, requested: str) -> tuple[str, str | None]:
-    model_type = config.model_type
+    inner = _unwrap(model)
+    config = inner.config
     if getattr(config, "is_encoder_decoder", False):
-        return "padded", f"{model_type} is an encoder-decoder model"
+        return f"{_model_name(inner)} is an encoder-decoder model"
+    if _uses_alibi(config):
+        return (f"{_model_name(inner)} uses ALiBi, whose position bias comes from the attention mask along the row, "
+                "not from position ids")
+    base = getattr(inner, "base_model", inner)
+    for module in (inner, base):
+        if not _takes_position_ids(module):
+            return (f"{type(module).__name__}.forward takes no position_ids (its positions would count along the "
+                    "packed row)")
+    return None
+
+
+def _candidates(config, impl: str, requested: str) -> tuple[list[str], str | None]:
+    """The layouts worth checking, fastest first, and why a faster one is out (None when the first is the request)."""
+    model_type = config.model_type
     if is_encoder(config):
         if model_type not in ENCODER_FIRST_TOKEN_MODULE:
-            return "padded", f"encoder {model_type} has no known first-token head to read packed rewards from"
+            return [], f"encoder {model_type} has no known first-token head to read packed rewards from"
         if impl not in _MASKABLE:
-            return "padded", f"attention '{impl}' cannot take a block-diagonal mask"
+            return [], f"attention '{impl}' cannot take a block-diagonal mask"
         if requested == "prefix_shared":
-            return "packed", "bidirectional attention: a shared prefix would see its suffixes"
-        return "packed", None
+            return ["packed"], "bidirectional attention: a shared prefix would see its suffixes"
+        return ["packed"], None
     if impl in _VARLEN:
-        return "varlen", None if requested != "prefix_shared" else f"{impl} takes no custom mask (varlen packing only)"
+        return ["varlen"], None if requested != "prefix_shared" else f"{impl} takes no custom mask (varlen packing only)"
     if impl not in _MASKABLE:
-        return "padded", f"attention implementation '{impl}' cannot take a custom 4D mask"
-    if requested == "auto" and model_type not in VERIFIED_DECODERS:
-        return "padded", (f"model type {model_type} is not verified with custom masks and position ids; "
-                          "pass --pairwise_forward prefix_shared to use it anyway")
+        return [], f"attention implementation '{impl}' cannot take a custom 4D mask"
     if requested == "packed":
-        return "packed", None
-    return "prefix_shared", None
+        return ["packed"], None
+    if requested == "prefix_shared":
+        return ["prefix_shared"], None
+    return ["prefix_shared", "packed"], None
+
+
+@dataclass(frozen=True)
+class LayoutVerdict:
+    """What the check found for one kind of model: the layout to use and why (what is logged and recorded)."""
+
+    layout: str
+    reason: str
+    max_difference: float | None = None  # the chosen layout's largest difference / tolerance (None: not checked)
+
+
+_CHECKS: dict[tuple, tuple[float, str]] = {}  # (model kind, layout) → check_layout's result, once per process
+_LOGGED: set[tuple] = set()
+
+
+def _model_key(inner, impl: str) -> tuple:
+    """What a check's verdict holds for: model class, attention implementation, transformers version, dtype, and the
+    config fields that change what the mask must do (one class may or may not slide, e.g. Phi3)."""
+    import transformers
+
+    config = inner.config
+    sliding = (getattr(config, "sliding_window", None), str(getattr(config, "layer_types", None)),
+               getattr(config, "use_sliding_window", None))
+    return (type(inner).__module__ + "." + type(inner).__qualname__, impl, transformers.__version__,
+            str(next(inner.parameters()).dtype), sliding)
+
+
+def forget_verdicts() -> None:
+    """Clear the per-process cache of layout checks (for tests that change a model class in place)."""
+    _CHECKS.clear()
+    _LOGGED.clear()
+
+
+def choose_layout(model, requested: str = "auto") -> str:
+    """The layout to use for `model`: the fastest one that gives the per-sequence results on this very model.
+
+    Returns one of "prefix_shared", "packed", "varlen" (packed for flash-attention: one row, no mask), "padded".
+    Structural refusals (`layout_refusal`) come first; then each candidate, fastest first, is run on a small synthetic
+    batch and compared with a per-sequence forward (`check_layout`). Check results are cached per process by model
+    class, attention implementation, transformers version and dtype; the choice is logged once per model with its
+    reason. A layout the user forced (`prefix_shared`, `packed`) that is refused or fails the check is a UserError,
+    never a silent downgrade; `auto` falls back to `padded` (TRL's layout, exact by construction) and says why.
+    """
+    return layout_verdict(model, requested).layout
+
+
+def layout_verdict(model, requested: str = "auto") -> LayoutVerdict:
+    """`choose_layout` with its reason and the measured difference."""
+    from rlhfkit.errors import UserError
+
+    if requested not in PAIRWISE_FORWARDS:
+        raise ValueError(f"--pairwise_forward must be one of {', '.join(PAIRWISE_FORWARDS)}, not '{requested}'")
+    inner = _unwrap(model)
+    impl = getattr(inner.config, "_attn_implementation", None) or "eager"
+    if requested == "padded":
+        verdict = LayoutVerdict("padded", "requested (--pairwise_forward padded)")
+    else:
+        verdict = _decide(model, inner, impl, requested)
+        if requested != "auto" and verdict.layout == "padded":
+            raise UserError(f"--pairwise_forward {requested} cannot run {_model_name(inner)} exactly: "
+                            f"{verdict.reason}; use --pairwise_forward auto (or padded)")
+    log_key = (id(inner), requested, verdict)
+    if log_key not in _LOGGED:
+        _LOGGED.add(log_key)
+        logger.info("pairwise forward: %s for %s (attention %s, %s; requested %s): %s", verdict.layout,
+                    type(inner).__name__, impl, str(next(inner.parameters()).dtype).replace("torch.", ""),
+                    requested, verdict.reason)
+    return verdict
+
+
+def _decide(model, inner, impl: str, requested: str) -> LayoutVerdict:
+    refusal = layout_refusal(inner)
+    if refusal:
+        return LayoutVerdict("padded", refusal)
+    candidates, why_not_faster = _candidates(inner.config, impl, requested)
+    if not candidates:
+        return LayoutVerdict("padded", why_not_faster)
+    model_key = _model_key(inner, impl)
+    failures = []
+    for kind in candidates:
+        if (model_key, kind) not in _CHECKS:
+            _CHECKS[(model_key, kind)] = check_layout(model, kind)
+        ratio, worst = _CHECKS[(model_key, kind)]
+        if ratio <= 1.0:
+            reason = (f"checked on this model: equal to each sequence run alone (largest difference {ratio:.2g}× "
+                      "the tolerance)")
+            return LayoutVerdict(kind, "; ".join([*failures, *filter(None, [why_not_faster]), reason]), ratio)
+        failures.append(f"{kind} differs from each sequence run alone by {worst}")
+    return LayoutVerdict("padded", "; ".join(failures))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the check: a synthetic batch through the candidate layout and through each sequence alone
+# ---------------------------------------------------------------------------------------------------------------
+# (prompt length, response lengths): a 1-token response, an identical pair (the shared-prefix cap), responses of
+# different lengths, and groups packed into one row with a second, padded row
+_CHECK_GROUPS = ((7, (1, 4, 9)), (2, (1, 1)), (3, (2, 5)))
+_CHECK_ROW_TOKENS = 25
+
+
+def check_sequences(config) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """(sequences, groups, score_from) of the synthetic check: token ids drawn with a fixed seed, avoiding the
+    model's special tokens (a pad id inside a sequence would move HF's own last-token pooling)."""
+    vocab = int(getattr(config, "vocab_size", None) or 0)
+    specials = {getattr(config, name, None) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    specials |= set(getattr(config, "eos_token_id", None) or []) if isinstance(
+        getattr(config, "eos_token_id", None), list) else set()
+    pool = [t for t in range(min(vocab, 1000)) if t not in specials and t >= min(3, vocab - 1)]
+    if len(pool) < 2:
+        pool = [t for t in range(vocab) if t not in specials] or [0]
+    generator = torch.Generator().manual_seed(1234)
+    draw = lambda n: [pool[i] for i in torch.randint(len(pool), (n,), generator=generator).tolist()]  # noqa: E731
+    sequences, groups, score_from = [], [], []
+    for prompt_length, response_lengths in _CHECK_GROUPS:
+        prompt = draw(prompt_length)
+        members = []
+        identical = len(set(response_lengths)) == 1
+        first = draw(response_lengths[0]) if identical else None
+        for length in response_lengths:
+            members.append(len(sequences))
+            sequences.append(prompt + (list(first) if identical else draw(length)))
+            score_from.append(prompt_length)
+        groups.append(members)
+    return sequences, groups, score_from
+
+
+def _reads_rewards(inner) -> bool:
+    if is_encoder(inner.config):
+        return True
+    names = {name.split(".")[-1] for name, _ in inner.named_modules()}
+    return bool(names & {"score", "v_head", "classifier"})
+
+
+@contextlib.contextmanager
+def _gathered(inner):
+    """ZeRO-3 partitions parameters at load time (zero.Init): gather them for the check's few forwards."""
+    partitioned = [p for p in inner.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+def check_layout(model, kind: str) -> tuple[float, str]:
+    """Run the synthetic check groups through `kind` and through a per-sequence forward of the model (no padding,
+    its own 2D mask and positions), in the model's dtype and on its device, in eval mode without grad.
+
+    Compares rewards (a model with a reward head) or every scored token's log-prob (a causal LM). Returns (the
+    largest |difference| / (atol + rtol·|reference|), a description of the largest difference).
+    """
+    inner = _unwrap(model)
+    config = inner.config
+    dtype = next(inner.parameters()).dtype
+    atol, rtol = CHECK_TOLERANCE.get(dtype, CHECK_TOLERANCE[torch.float16])
+    sequences, groups, score_from = check_sequences(config)
+    rewards = _reads_rewards(inner)
+    offset = position_offset(inner)
+    pad = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else 0
+    device = _device(inner)
+    was_training = inner.training
+    inner.eval()
+    try:
+        return _compare(inner, kind, sequences, groups, score_from, rewards, offset, pad, device, atol, rtol, dtype)
+    except Exception as error:  # noqa: BLE001 - a layout the model cannot run fails the check, with the reason
+        return float("inf"), f"raising {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    finally:
+        inner.train(was_training)
+
+
+def _compare(inner, kind, sequences, groups, score_from, rewards, offset, pad, device, atol, rtol, dtype):
+    def run(plan_):
+        plan_ = plan_.to(device)
+        if rewards:
+            return sequence_rewards(inner, plan_).float().cpu()
+        return token_logprobs(inner, plan_).log_probs.float().cpu()
+
+    with torch.no_grad(), _gathered(inner):
+        layout = plan(sequences, groups, kind=kind, pad_token_id=pad, position_offset=offset,
+                      score_from=None if rewards else score_from, row_tokens=_CHECK_ROW_TOKENS)
+        ours = run(layout)
+        # each sequence alone: one row, no padding, the model's own 2D mask and positions
+        alone = [run(plan([s], kind="padded", pad_token_id=pad, position_offset=offset,
+                          score_from=None if rewards else [b]))
+                 for s, b in zip(sequences, score_from)]
+    if rewards:
+        alone = torch.cat(alone)
+    else:  # scored tokens come in the layout's order (rows, first-fit decreasing), not the sequences'
+        alone = torch.stack([alone[i][j] for i, j in zip(layout.token_sequence.tolist(), layout.token_order.tolist())])
+    if ours.shape != alone.shape:
+        return float("inf"), f"{ours.numel()} values instead of {alone.numel()}"
+    difference = (ours - alone).abs()
+    if not torch.isfinite(ours).all():
+        return float("inf"), "non-finite values"
+    ratio = difference / (atol + rtol * alone.abs())
+    worst = int(ratio.argmax())
+    what = "reward" if rewards else "token log-prob"
+    return float(ratio.max()), (f"{float(difference[worst]):.3g} on a {what} ({float(ours[worst]):.5g} vs "
+                                f"{float(alone[worst]):.5g} alone; tolerance {atol:g} + {rtol:g}·|value| in "
+                                f"{str(dtype).replace('torch.', '')})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -498,6 +735,47 @@ def token_logprobs(model, plan_: Plan, temperature: float = 1.0, extras: bool = 
     return scores
 
 
+def logits_at(model, plan_: Plan, flat_index: torch.Tensor, token_ids: list[int] | None = None) -> torch.Tensor:
+    """One forward of a causal LM over the plan → its logits at the flat positions `flat_index` [M] (e.g. each
+    sequence's `last_index`), restricted to the vocabulary columns `token_ids` when given: [M, len(token_ids)] or
+    [M, V], with grad. As in `token_logprobs`, the LM head runs only at those positions (the pairwise preference
+    model reads "A"/"B" at each comparison's last token, the process reward model "+"/"-" at each step's end)."""
+    inner = _unwrap(model)
+    head = inner.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(inner).__name__} has no LM head")
+
+    def pre(module, args):
+        hidden = args[0]
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index).unsqueeze(0)
+        return (picked,) + tuple(args[1:])
+
+    with _hook(head, pre=pre):
+        logits = model(**model_inputs(model, plan_, causal=True), use_cache=False).logits[0]
+    if token_ids is not None:
+        logits = logits[:, torch.as_tensor(token_ids, device=logits.device)]
+    return logits.float()
+
+
+def flat_positions(plan_: Plan, sequences: list[list[int]], groups: list[list[int]] | None,
+                   positions: list[list[int]]) -> torch.Tensor:
+    """Flat index (into the plan's rows, what `logits_at` takes) of token positions[i][n] of sequence i, for every
+    i and n in order. `sequences` and `groups` are what the plan was built from (local indices)."""
+    shared = [0] * len(sequences)
+    if plan_.kind == "prefix_shared":
+        for members in groups or []:
+            if len(members) > 1:
+                length = shared_prefix_length([sequences[i] for i in members])
+                for i in members:
+                    shared[i] = length
+    out = []
+    for i, seq in enumerate(sequences):
+        last, first = int(plan_.last_index[i]), int(plan_.first_index[i])
+        for t in positions[i]:
+            out.append(last - (len(seq) - 1 - t) if t >= shared[i] else first + t)
+    return torch.tensor(out, dtype=torch.long)
+
+
 def sum_per_sequence(values: torch.Tensor, plan_: Plan) -> torch.Tensor:
     """[M] per-token values → [N] sums per sequence (differentiable)."""
     out = values.new_zeros(plan_.num_sequences)
@@ -710,7 +988,7 @@ def score_sequences(model, sequences: list[list[int]], pad_token_id: int, batch_
 
     if pad_token_id is None:
         raise ValueError("pad_token_id is None: call rlhfkit.models.ensure_pad_token first")
-    kind = choose_layout(model, layout, quiet=True)
+    kind = choose_layout(model, layout)
     device = _device(model)
     scores = [0.0] * len(sequences)
     plans = list(batched_plans(sequences, groups, batch_size, kind, pad_token_id,
@@ -732,7 +1010,7 @@ def sequence_logprob_sums(model, sequences: list[list[int]], score_from: list[in
 
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce must be sum or mean, not {reduce!r}")
-    kind = choose_layout(model, layout, quiet=True)
+    kind = choose_layout(model, layout)
     if kind == "packed" and is_encoder(_config(model)):
         raise ValueError("log-probs need a causal LM")
     device = _device(model)

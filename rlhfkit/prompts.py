@@ -75,11 +75,14 @@ def load_prompts(
     split: str = "train",
     max_prompts: int | None = None,
     skip_invalid: bool = False,
+    keep_fields: Sequence[str] = (),
 ) -> PromptSet:
     """Prompt rows of every source, in file order, deduplicated by id (see the module docstring).
 
     `paths` entries may carry `:N` / `:0.25` suffixes as in `rlhfkit.data.parse_source` (taken as the first N
-    rows, or that fraction, in file order). `max_prompts` keeps the first N prompts overall.
+    rows, or that fraction, in file order). `max_prompts` keeps the first N prompts overall. `keep_fields`: columns
+    copied from each row, when present, into its prompt row (e.g. `answer` for `ppo_train.py --reward_fn
+    exact_answer`).
     """
     if isinstance(paths, str):
         paths = [paths]
@@ -92,24 +95,25 @@ def load_prompts(
         spec = parse_source(spec_text)
         records = read_records(spec.path, split=split, skip_invalid=skip_invalid, hint=False)
         counts: Counter = Counter(read=len(records) + sum(records.skipped.values()), **records.skipped)
-        candidates: list[tuple[str, list[dict], str | None]] = []  # (where, prompt, given id)
+        candidates: list[tuple[str, list[dict], str | None, dict]] = []  # (where, prompt, given id, kept columns)
         if records and is_preference_row(records[0]):
             counts["format_preference"] = 1
             data = load_preferences([spec.path], skip_invalid=skip_invalid, split=split)
             for number, pref in enumerate(data.rows, start=1):
                 # a pair's id names the pair, not its prompt, and many pairs share a prompt: hash the content
-                candidates.append((where(spec.path, number), pref["prompt"], None))
+                candidates.append((where(spec.path, number), pref["prompt"], None, {}))
         else:
             converted = convert_records(spec.path, records, row_to_prompt, skip_invalid, counts, hint_skip_flag=False)
             for number, record, messages in converted:
                 given = record.get("id")
-                candidates.append((where(spec.path, number), messages, None if given is None else str(given)))
+                extra = {key: record[key] for key in keep_fields if key in record}
+                candidates.append((where(spec.path, number), messages, None if given is None else str(given), extra))
         if spec.count is not None or spec.fraction is not None:
             want = spec.count if spec.count is not None else round(spec.fraction * len(candidates))
             counts["dropped_limit"] += max(0, len(candidates) - want)
             candidates = candidates[:want]
         kept = 0
-        for location, messages, given in candidates:
+        for location, messages, given, extra in candidates:
             row_id = given if given is not None else prompt_id(messages)
             if row_id in seen:
                 first_messages, first_location = seen[row_id]
@@ -121,7 +125,7 @@ def load_prompts(
                 counts["dropped_duplicate"] += 1
                 continue
             seen[row_id] = (messages, location)
-            rows.append({"id": row_id, "prompt": messages})
+            rows.append({"id": row_id, "prompt": messages, **extra})
             kept += 1
         counts["kept"] = kept
         report[spec_text] = dict(counts)

@@ -278,14 +278,25 @@ class CheckpointProcessors:
         self.settings, self.prompt_width, self.pad_lengths = settings, prompt_width, pad_lengths
         self.stop_ids = torch.tensor(list(stop_ids), dtype=torch.long)
 
+    def _repetition_penalty(self, lp, penalty: float, sequences, scores, rows):
+        # transformers' processor takes one integer `prompt_ignore_length` for the whole batch (5.19), so rows are
+        # penalised in groups that share their left-padding width; the padding (often the EOS id) is never
+        # penalised, whatever the batch's other prompts are.
+        pads = self.pad_lengths[rows]
+        scores = scores.clone()
+        for pad in pads.unique().tolist():
+            index = (pads == pad).nonzero(as_tuple=True)[0]
+            processor = lp.RepetitionPenaltyLogitsProcessor(float(penalty), prompt_ignore_length=int(pad) or None)
+            scores[index] = processor(sequences[index], scores[index])
+        return scores
+
     def __call__(self, sequences: torch.Tensor, scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         from transformers.generation import logits_process as lp
 
         s, device = self.settings, scores.device
         processors = []
-        if "repetition_penalty" in s:  # left padding is not part of the prompt (as in `generate`)
-            processors.append(lp.RepetitionPenaltyLogitsProcessor(s["repetition_penalty"],
-                                                                   prompt_ignore_length=self.pad_lengths[rows]))
+        if "repetition_penalty" in s:  # left padding is not part of the prompt
+            scores = self._repetition_penalty(lp, s["repetition_penalty"], sequences, scores, rows)
         if "no_repeat_ngram_size" in s:
             processors.append(lp.NoRepeatNGramLogitsProcessor(s["no_repeat_ngram_size"]))
         if "bad_words_ids" in s:
@@ -310,9 +321,68 @@ class CheckpointProcessors:
 # ---------------------------------------------------------------------------------------------------------------
 # the decoding loop
 # ---------------------------------------------------------------------------------------------------------------
-def _forward(model, input_ids, attention_mask, position_ids, cache):
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                 use_cache=True, logits_to_keep=1).logits[:, -1]
+# The keyword a causal LM's forward takes its KV cache by: `past_key_values` up to transformers 5.23, `cache` from
+# 5.24 (which still takes `past_key_values`, deprecated, with a warning per call). A name the forward does not know
+# lands in its `**kwargs` and is dropped without an error: no cache, every step sees one token, garbage text. So the
+# name is read from the signature, and `decode` checks after the prefill that the cache was really filled.
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def _inner_models(model):
+    """`model` and what it wraps (PEFT's base model, DDP's/accelerate's `.module`), outermost first."""
+    seen, queue = set(), [model]
+    while queue:
+        current = queue.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        queue.append(getattr(current, "module", None))
+        get_base = getattr(current, "get_base_model", None)
+        if callable(get_base):
+            try:
+                queue.append(get_base())
+            except Exception:  # a wrapper whose base model is not set up: nothing further to inspect
+                pass
+
+
+def cache_keywords(model) -> list[str]:
+    """The cache keywords to try, in order: the one the forward (or the model it wraps) declares first."""
+    import inspect
+
+    for current in _inner_models(model):
+        try:
+            parameters = inspect.signature(current.forward).parameters
+        except (TypeError, ValueError):
+            continue
+        for keyword in CACHE_KEYWORDS:
+            if keyword in parameters:
+                return [keyword] + [other for other in CACHE_KEYWORDS if other != keyword]
+    return list(CACHE_KEYWORDS)
+
+
+def _forward(model, input_ids, attention_mask, position_ids, cache, keyword: str):
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                 logits_to_keep=1, **{keyword: cache}).logits[:, -1]
+
+
+def _prefill(model, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, object, str]:
+    """The prefill forward with a fresh KV cache: (last logits, the filled cache, the keyword that filled it).
+
+    Raises a one-line `UserError` when the forward ignores the cache under every keyword (decoding without it would
+    silently produce garbage)."""
+    import transformers
+    from transformers import DynamicCache
+
+    for keyword in cache_keywords(model):
+        cache = DynamicCache(config=model.config)
+        logits = _forward(model, input_ids, attention_mask, position_ids, cache, keyword)
+        if cache.get_seq_length() > 0:
+            return logits, cache, keyword
+    raise UserError(
+        f"the forward of {type(model).__name__} ignored the KV cache passed as {' or '.join(CACHE_KEYWORDS)} "
+        f"(transformers {transformers.__version__}); decoding without it would give wrong samples"
+    )
 
 
 @torch.no_grad()
@@ -333,15 +403,12 @@ def decode(model, batch: dict[str, torch.Tensor], n: int, max_new_tokens: int, c
       its stop token.
     Tokens after a row's end are `pad_id`; `lengths` counts generated tokens, the stop token included.
     """
-    from transformers import DynamicCache
-
     device = batch["input_ids"].device
     prompts, width = batch["input_ids"].shape
     total = prompts * n
     attention_mask = batch["attention_mask"]
     position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    logits = _forward(model, batch["input_ids"], attention_mask, position_ids, cache)
+    logits, cache, keyword = _prefill(model, batch["input_ids"], attention_mask, position_ids)
     if n > 1:
         logits = logits.repeat_interleave(n, dim=0)
         cache.batch_repeat_interleave(n)
@@ -377,7 +444,7 @@ def decode(model, batch: dict[str, torch.Tensor], n: int, max_new_tokens: int, c
             rows, choice = rows[keep], choice[keep]
             attention_mask, next_position = attention_mask[keep], next_position[keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
-        logits = _forward(model, choice.unsqueeze(1), attention_mask, next_position, cache)
+        logits = _forward(model, choice.unsqueeze(1), attention_mask, next_position, cache, keyword)
         next_position = next_position + 1
     return tokens, lengths, logprobs
 

@@ -11,7 +11,7 @@
 #
 # Usage: bash scripts/demo.sh [OUT]            (make demo; OUT defaults to runs/demo)
 # Knobs (environment): POLICY RM_BACKBONE N_TRAIN K MAX_NEW_TOKENS TEMPERATURE N_HELDOUT K_HELDOUT DPO_ITERATIONS DPO_EPOCHS DPO_LR
-#   DPO_BETA RM_EPOCHS PPO_STEPS (0 skips PPO) PPO_ESTIMATOR PPO_LR PPO_KL_COEF GEN_SHARDS GEN_DTYPE SEED PYTHON.
+#   DPO_BETA RM_EPOCHS PPO_STEPS (0 skips PPO) PPO_ESTIMATOR PPO_LR PPO_KL_COEF PPO_VLLM GEN_SHARDS GEN_DTYPE SEED PYTHON.
 # Two independent stages run side by side where the chain allows it (DPO and PPO; the aligned policies' samples),
 # each with one thread: on 2 cores that keeps both busy, and torch's two threads spin-wait for each other whenever
 # the cores are oversubscribed (measured here: 6x the CPU time for the same generation). The base policy's samples
@@ -55,6 +55,9 @@ fi
 PPO_ESTIMATOR=${PPO_ESTIMATOR:-rloo}
 PPO_LR=${PPO_LR:-1e-3}
 PPO_KL_COEF=${PPO_KL_COEF:-0.05}
+# online-RL rollouts on a colocated vLLM engine (ppo_train.py --use_vllm) where vLLM runs this POLICY (auto), else
+# our own decoding loop; true/false force it. auto is resolved at the PPO stage (the policy is materialised by then).
+PPO_VLLM=${PPO_VLLM:-auto}
 HELDOUT_SEED=$((SEED + 1000))         # the same for every policy: paired samples (common random numbers)
 
 export TOKENIZERS_PARALLELISM=false
@@ -69,7 +72,7 @@ echo 1 > "$RLHFKIT_THREADS_FILE"
 CONFIG="POLICY=$POLICY RM_BACKBONE=$RM_BACKBONE N_TRAIN=$N_TRAIN K=$K MAX_NEW_TOKENS=$MAX_NEW_TOKENS \
 TEMPERATURE=$TEMPERATURE N_HELDOUT=$N_HELDOUT K_HELDOUT=$K_HELDOUT DPO_ITERATIONS=$DPO_ITERATIONS \
 DPO_EPOCHS=$DPO_EPOCHS DPO_LR=$DPO_LR DPO_BETA=$DPO_BETA RM_EPOCHS=$RM_EPOCHS PPO_STEPS=$PPO_STEPS SEED=$SEED \
-GEN_DTYPE=$GEN_DTYPE PPO_ESTIMATOR=$PPO_ESTIMATOR PPO_LR=$PPO_LR PPO_KL_COEF=$PPO_KL_COEF"
+GEN_DTYPE=$GEN_DTYPE PPO_ESTIMATOR=$PPO_ESTIMATOR PPO_LR=$PPO_LR PPO_KL_COEF=$PPO_KL_COEF PPO_VLLM=$PPO_VLLM"
 if [[ -f "$OUT/demo_config.txt" && "$(cat "$OUT/demo_config.txt")" != "$CONFIG" ]]; then
     echo "error: $OUT was made with other settings ($(cat "$OUT/demo_config.txt")); remove it or choose another OUT" >&2
     exit 2
@@ -220,8 +223,8 @@ OMP_NUM_THREADS=$SOLO_THREADS stage rm $PYTHON rm_train.py --model_name_or_path 
     --logging_steps 5 --eval_strategy epoch --save_strategy epoch --save_total_limit 1 \
     --load_best_model_at_end true --metric_for_best_model eval_loss --greater_is_better false \
     --report_to none --seed "$SEED" --output_dir "$OUT/rm"
-stage_bg rm_eval $PYTHON eval_benchmark.py --reward_name_or_path "$OUT/rm" \
-    --dataset_path "$OUT/vader_heldout/pairs.jsonl" --record_dir "$OUT/rm_eval"
+stage_bg rm_eval $PYTHON eval_benchmark.py --reward_model_path "$OUT/rm" \
+    --dataset_path "$OUT/vader_heldout/pairs.jsonl" --output_dir "$OUT/rm_eval"
 
 # ---- 4. online RL against the RM (from SmolLM2, LoRA; PPO_STEPS=0 skips it), alongside DPO ----
 # RLOO from ppo_train.py: 4 prompts × 4 samples a step, the leave-one-out mean of the other 3 samples as the
@@ -237,9 +240,14 @@ if (( PPO_STEPS > 0 )); then
     if [[ "$PPO_ESTIMATOR" == gae || "$PPO_ESTIMATOR" == reinforce_pp ]]; then
         ppo_group=(--num_samples_per_prompt 1 --rollout_batch_size 16)
     fi
+    ppo_vllm=$PPO_VLLM
+    if [[ "$ppo_vllm" == auto ]]; then
+        if $PYTHON -c 'import sys; from rlhfkit.rl.vllm_rollout import usable_for; sys.exit(0 if usable_for(sys.argv[1]) else 1)' \
+            "$POLICY" >/dev/null 2>&1; then ppo_vllm=true; else ppo_vllm=false; fi
+    fi
     stage_bg ppo $PYTHON ppo_train.py --model_name_or_path "$POLICY" --reward_model_path "$OUT/rm" \
         --dataset_path "$TRAIN_PROMPTS" --use_peft true --lora_r 16 --lora_alpha 32 --value_model_init policy \
-        --advantage_estimator "$PPO_ESTIMATOR" "${ppo_group[@]}" --per_device_train_batch_size 8 \
+        --advantage_estimator "$PPO_ESTIMATOR" "${ppo_group[@]}" --per_device_train_batch_size 8 --use_vllm "$ppo_vllm" \
         --max_steps "$PPO_STEPS" --max_new_tokens "$MAX_NEW_TOKENS" --learning_rate "$PPO_LR" --kl_coef "$PPO_KL_COEF" \
         --ppo_epochs 1 --logging_steps 1 --report_to none --seed "$SEED" --output_dir "$OUT/ppo"
 fi
@@ -323,6 +331,12 @@ for name, seconds in rows:
     print(f"| {name} | {seconds.rstrip('s')} |")
 print(f"| **total** | **{total}** |")
 print()
+ppo_info = out / "ppo" / "run_info.json"
+if ppo_info.is_file():  # which engine sampled the online-RL rollouts (ppo_train.py --use_vllm)
+    rollouts = json.loads(ppo_info.read_text()).get("rollouts", {"backend": "hf"})
+    detail = (f", weights pushed and checked every step (tolerance {rollouts['sync_tolerance']:g}), engine started in "
+              f"{rollouts['start_seconds']:.0f}s" if rollouts["backend"] == "vllm" else "")
+    print(f"online RL (ppo stage) rollouts: {rollouts['backend']}{detail}")
 results = json.loads((out / "rm_eval" / "results.json").read_text())
 n, accuracy = int(results.get("pairs") or 0), float(results["accuracy"])
 if n:  # Wilson 95% interval over the held-out pairs

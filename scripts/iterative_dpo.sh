@@ -46,7 +46,7 @@ for ((i = 1; i <= ITERATIONS; i++)); do
   if [[ $REFERENCE == fixed ]]; then reference=$FIXED_REF; fi
   log "iteration $i: DPO from $policy (reference $reference)"
   # shellcheck disable=SC2046  # resume_flag prints zero or two words
-  accelerate_launch "$REPO_ROOT/dpo_train.py" --model_name_or_path "$policy" --ref_model_name_or_path "$reference" \
+  accelerate_launch "$REPO_ROOT/dpo_train.py" --model_name_or_path "$policy" --ref_model_path "$reference" \
     --dataset_path "$iter_dir/annotated/pairs.jsonl" --output_dir "$next" $(resume_flag "$next") "${TRAIN_EXTRA[@]}"
   is_complete "$next" || die "iteration $i: dpo_train.py exited without completing $next"
   policy=$next

@@ -71,3 +71,28 @@ def sentiment_data(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", sentiment_pairs(64, seed=1, topics=TOPICS[:10]))
     heldout = write_jsonl(tmp_path / "heldout.jsonl", sentiment_pairs(32, seed=2, topics=TOPICS[10:]))
     return train, heldout
+
+
+@pytest.fixture(autouse=True)
+def _stage_runs_are_marked_slow(request, monkeypatch):
+    """`make test-fast` (-m "not slow") runs no stage end to end: a test that finishes a stage in this process
+    (every stage's `main` ends in `StageOutput.finalize`) must be marked slow, or it fails here naming the rule.
+    Tests of `StageOutput` itself call `finalize` from the test, not from a stage's `main`, and pass."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    import inspect
+
+    from rlhfkit.checkpoints import StageOutput
+
+    original = StageOutput.finalize
+    tests_dir = str(Path(__file__).resolve().parent)
+
+    def guarded(self, *args, **kwargs):
+        stage_main = [frame for frame in inspect.stack()[1:]
+                      if frame.function == "main" and not frame.filename.startswith(tests_dir)]
+        if stage_main:
+            raise AssertionError(f"{request.node.nodeid} runs {stage_main[0].filename}'s main to the end: "
+                                 f"mark it @pytest.mark.slow")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StageOutput, "finalize", guarded)

@@ -72,6 +72,7 @@ def run(tmp_path, name, **overrides):
     return get_rewards.main(get_rewards.ScriptArguments(**values), build_pairs.PairArguments(**pair_values))
 
 
+@pytest.mark.slow
 def test_rm_with_other_tokenizer_scores_like_rendered_text(tmp_path, reward_model_dir, tiny_llama_dir):
     from transformers import AutoTokenizer
 
@@ -103,6 +104,7 @@ def length_reward(prompts, responses):
 '''
 
 
+@pytest.mark.slow
 def test_labeler_hook_pairs_sft_stats_histogram(tmp_path, capsys):
     from rlhfkit.data import load_preferences
 
@@ -136,6 +138,7 @@ def test_labeler_hook_pairs_sft_stats_histogram(tmp_path, capsys):
     assert len(getattr(loaded, "rows", loaded)) == 2
 
 
+@pytest.mark.slow
 def test_build_pairs_rerun_with_other_strategy(tmp_path):
     (tmp_path / "mylabels.py").write_text(LABELER)
     source = write_rows(tmp_path / "gen.jsonl", ROWS)

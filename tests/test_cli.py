@@ -54,3 +54,31 @@ def test_help_works(script):
     result = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--output_dir" in result.stdout or "--record_dir" in result.stdout
+
+
+@dataclass
+class RenamedArgs:
+    reward_model_path: str = None
+    ref_model_path: str = None
+    output_dir: str = None
+
+
+def test_old_flag_names_still_work_with_a_note(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("ref_model_name_or_path: ref\n")
+    (args,) = parse_args([RenamedArgs], ["--config", str(config), "--reward_name_or_path", "rm",
+                                         "--record_dir=out"])
+    assert (args.reward_model_path, args.ref_model_path, args.output_dir) == ("rm", "ref", "out")
+    notes = capsys.readouterr().err
+    assert "'reward_name_or_path' is deprecated, use 'reward_model_path'" in notes
+    assert "c.yaml: key 'ref_model_name_or_path' is deprecated, use 'ref_model_path'" in notes
+    assert "'record_dir' is deprecated, use 'output_dir'" in notes
+
+
+def test_an_old_name_a_stage_still_declares_is_left_alone():
+    @dataclass
+    class Old:
+        reward_name_or_path: str = None
+
+    (args,) = parse_args([Old], ["--reward_name_or_path", "rm"])
+    assert args.reward_name_or_path == "rm"

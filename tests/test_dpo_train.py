@@ -56,6 +56,7 @@ def _pair_conversations(rows):
     return chosen, rejected
 
 
+@pytest.mark.slow  # runs the stage's main to the end
 def test_dpo_raises_heldout_margin_precomputed_reference_released_and_implicit_rm(tmp_path, pairs, monkeypatch,
                                                                                  tiny_llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,7 +71,7 @@ def test_dpo_raises_heldout_margin_precomputed_reference_released_and_implicit_r
     before = _live_causal_lms()
     out = tmp_path / "dpo"
     metrics = dpo_train.main(*_args(
-        "--model_name_or_path", "tiny-random-llama", "--ref_model_name_or_path", str(reference_dir),
+        "--model_name_or_path", "tiny-random-llama", "--ref_model_path", str(reference_dir),
         "--dataset_path", str(pairs[0]), "--eval_dataset_path", str(pairs[1]), "--output_dir", str(out),
         "--max_steps", "16", "--learning_rate", "5e-3", "--precompute_ref_log_probs", "true", *COMMON,
     ))
@@ -102,6 +103,7 @@ def test_dpo_raises_heldout_margin_precomputed_reference_released_and_implicit_r
     assert accuracy >= 0.9, accuracy
 
 
+@pytest.mark.slow  # runs the stage's main to the end
 def test_default_reference_with_precompute_loads_no_second_model(tmp_path, pairs, monkeypatch):
     seen = {}
     _spy_trainer(monkeypatch, seen)
@@ -114,6 +116,7 @@ def test_default_reference_with_precompute_loads_no_second_model(tmp_path, pairs
     assert metrics["train_loss"] == pytest.approx(0.6931, abs=0.05)  # first steps: policy ≈ reference, loss ≈ log 2
 
 
+@pytest.mark.slow  # runs the stage's main to the end
 def test_chain_sft_then_dpo_through_disk_and_incomplete_parents_refused(tmp_path, pairs):
     sft_rows = [{"messages": row["prompt"] + row["chosen"]} for row in sentiment_pairs(32, seed=3)]
     sft_data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
@@ -127,7 +130,7 @@ def test_chain_sft_then_dpo_through_disk_and_incomplete_parents_refused(tmp_path
     dpo_train.main(*_args(
         "--model_name_or_path", str(sft_out), "--dataset_path", f"{pairs[0]}:24", "--output_dir", str(dpo_out),
         "--max_steps", "3", "--learning_rate", "5e-3", "--loss_type", "ipo", "--beta", "0.5",
-        "--use_peft", "true", "--lora_r", "4", "--activation_checkpointing", "true", *COMMON,
+        "--use_peft", "true", "--lora_r", "4", "--gradient_checkpointing", "true", *COMMON,
     ))
     info = json.loads((dpo_out / "run_info.json").read_text())
     assert info["parent"] == {"path": str(sft_out.resolve()), "stage": "sft"}
@@ -158,6 +161,10 @@ def test_chain_sft_then_dpo_through_disk_and_incomplete_parents_refused(tmp_path
     reward_model = tmp_path / "rm"
     shutil.copytree(sft_out, reward_model)
     (reward_model / "run_info.json").write_text(json.dumps(run_info | {"stage": "rm"}))
+    refused(reward_model, "damaged")  # an edited file no longer matches the checksums the stage wrote
+    from rlhfkit.integrity import write_checksums
+
+    write_checksums(reward_model)  # a whole reward model: refused for what it is
     refused(reward_model, "is a reward model")
 
 
@@ -166,7 +173,7 @@ def test_cli_help_one_line_errors_and_recipes(tmp_path, pairs, capsys):
         run_stage(dpo_train.main, TYPES, ["--help"])
     help_text = capsys.readouterr().out
     assert info.value.code == 0
-    assert all(flag in help_text for flag in ("--ref_model_name_or_path", "--precompute_ref_log_probs", "--beta",
+    assert all(flag in help_text for flag in ("--ref_model_path", "--precompute_ref_log_probs", "--beta",
                                               "--loss_type", "--use_peft", "--validation_split_percentage"))
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi", "chosen": "a", "rejected": "b"}, {"prompt": "hi"}])

@@ -1,15 +1,14 @@
-"""generation/: HF backend for real (reproducible, sharded == unsharded, resume after a kill), vLLM against a
-stand-in module with vLLM's interface, merge_data.py checks."""
+"""generation/: HF backend for real (reproducible, sharded == unsharded, resume after a kill), merge_data.py checks.
+The vLLM backend runs for real in tests/test_vllm_generation.py, the API servers in tests/test_vllm_serve.py."""
 
 from __future__ import annotations
 
 import json
 import sys
-import types
 
 import pytest
 
-from generation import generate, merge_data, shards, vllm_backend
+from generation import generate, merge_data, shards
 from rlhfkit.errors import UserError
 from rlhfkit.sampling import derive_seed
 
@@ -46,6 +45,7 @@ def unsharded(prompt_file, tmp_path):
     return read(tmp_path / "full" / "generations.jsonl"), metrics
 
 
+@pytest.mark.slow
 def test_hf_output_rows_and_stage_contract(unsharded, tmp_path):
     rows, metrics = unsharded
     out = tmp_path / "full"
@@ -63,6 +63,7 @@ def test_hf_output_rows_and_stage_contract(unsharded, tmp_path):
     assert not (tmp_path / "full.partial").exists()
 
 
+@pytest.mark.slow
 def test_reproducible_with_fixed_seed_and_other_batch_size(unsharded, prompt_file, tmp_path):
     rows, _ = unsharded
     generate.main(args_for(prompt_file, tmp_path / "again", batch_size=5))
@@ -71,6 +72,7 @@ def test_reproducible_with_fixed_seed_and_other_batch_size(unsharded, prompt_fil
     assert [r["responses"] for r in read(tmp_path / "other_seed" / "generations.jsonl")] != [r["responses"] for r in rows]
 
 
+@pytest.mark.slow
 def test_sharded_then_merged_equals_unsharded(unsharded, prompt_file, tmp_path):
     rows, _ = unsharded
     out = tmp_path / "sharded"
@@ -84,6 +86,7 @@ def test_sharded_then_merged_equals_unsharded(unsharded, prompt_file, tmp_path):
     assert metrics["prompts"] == 5 and metrics["shards"] == 2
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_losing_or_repeating(unsharded, prompt_file, tmp_path, monkeypatch):
     rows, _ = unsharded
     out = tmp_path / "resumed"
@@ -129,6 +132,7 @@ def test_resume_refuses_other_settings(prompt_file, tmp_path, monkeypatch):
         generate.main(args_for(prompt_file, out))
 
 
+@pytest.mark.slow
 def test_merge_detects_duplicates_and_gaps(unsharded, prompt_file, tmp_path):
     out = tmp_path / "dup"
     generate.main(args_for(prompt_file, out, local_index=0, world_size=2))
@@ -159,97 +163,6 @@ def test_bad_prompt_row_is_one_line_error(tmp_path):
     bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": [{"role": "assistant", "content": "x"}]}) + "\n")
     with pytest.raises(UserError, match=r"bad\.jsonl: row 2: field 'prompt'"):
         generate.main(args_for(str(bad), tmp_path / "o"))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# vLLM, against a stand-in module with its interface (no GPU here)
-# ---------------------------------------------------------------------------------------------------------------
-class FakeVLLM:
-    """The parts of vLLM generate.py uses: LLM(...), SamplingParams(...), LLM.generate -> RequestOutput-likes."""
-
-    def __init__(self):
-        self.module = types.ModuleType("vllm")
-        self.engines, self.destroyed = [], []
-        fake = self
-
-        class SamplingParams:
-            def __init__(self, **kwargs):
-                self.kwargs = kwargs
-
-        class LLM:
-            def __init__(self, **kwargs):
-                self.kwargs, self.calls = kwargs, []
-                fake.engines.append(self)
-
-            def generate(self, prompts, sampling_params, use_tqdm=True):
-                self.calls.append((prompts, sampling_params))
-                outputs = []
-                for prompt, params in zip(prompts, sampling_params):
-                    n, seed = params.kwargs["n"], params.kwargs["seed"]
-                    completions = [  # returned out of order on purpose: vLLM gives no order guarantee
-                        types.SimpleNamespace(index=j, text=f"s{seed % 1000}-{j}", token_ids=[7] * (j + 1),
-                                              finish_reason="stop" if j % 2 == 0 else "length")
-                        for j in reversed(range(n))
-                    ]
-                    outputs.append(types.SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"], outputs=completions))
-                return outputs
-
-        self.module.LLM, self.module.SamplingParams = LLM, SamplingParams
-        parallel_state = types.ModuleType("vllm.distributed.parallel_state")
-        parallel_state.destroy_model_parallel = lambda: self.destroyed.append("model_parallel")
-        parallel_state.destroy_distributed_environment = lambda: self.destroyed.append("distributed")
-        distributed = types.ModuleType("vllm.distributed")
-        distributed.parallel_state = parallel_state
-        self.submodules = {"vllm.distributed": distributed, "vllm.distributed.parallel_state": parallel_state}
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    fake = FakeVLLM()
-    monkeypatch.setitem(sys.modules, "vllm", fake.module)
-    for name, module in fake.submodules.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(vllm_backend, "cuda_available", lambda: True)
-    return fake
-
-
-def test_vllm_backend_with_stand_in(fake_vllm, prompt_file, tmp_path, tiny_llama_dir):
-    from transformers import AutoTokenizer
-
-    from rlhfkit.prompts import load_prompts
-    from rlhfkit.sampling import render_generation_prompt
-
-    out = tmp_path / "vllm"
-    metrics = generate.main(args_for(prompt_file, out, backend="auto", batch_size=None, num_samples=3,
-                                     tensor_parallel_size=2))
-    (engine,) = fake_vllm.engines
-    assert engine.kwargs["tensor_parallel_size"] == 2 and engine.kwargs["seed"] == 11
-    assert engine.kwargs["model"] == str(tiny_llama_dir)
-    (prompts_sent, params), = engine.calls  # one call: all 5 prompts fit the default vLLM batch
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    prompts = load_prompts(prompt_file)
-    by_tokens = {tuple(render_generation_prompt(tokenizer, p["prompt"])): p for p in prompts}
-    for request, param in zip(prompts_sent, params):
-        prompt = by_tokens[tuple(request["prompt_token_ids"])]  # our rendering, token for token
-        assert param.kwargs["n"] == 3 and param.kwargs["seed"] == derive_seed(11, prompt["id"])
-        assert param.kwargs["temperature"] == 1.0 and param.kwargs["top_p"] == 0.95 and param.kwargs["max_tokens"] == 6
-        assert tokenizer.eos_token_id in param.kwargs["stop_token_ids"]
-    rows = read(out / "generations.jsonl")
-    assert [r["id"] for r in rows] == [p["id"] for p in prompts]
-    for row in rows:
-        seed = derive_seed(11, row["id"]) % 1000
-        assert row["responses"] == [f"s{seed}-0", f"s{seed}-1", f"s{seed}-2"]
-        assert row["meta"]["backend"] == "vllm" and row["meta"]["finished"] == [True, False, True]
-        assert row["meta"]["response_tokens"] == [1, 2, 3]
-    assert fake_vllm.destroyed == ["model_parallel", "distributed"]  # GPU memory released at the end
-    assert engine.kwargs and metrics["samples"] == 15
-
-
-def test_vllm_explicit_without_gpu_is_one_line_error(fake_vllm, prompt_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(vllm_backend, "cuda_available", lambda: False)
-    with pytest.raises(UserError, match="--backend vllm needs a CUDA GPU"):
-        generate.main(args_for(prompt_file, tmp_path / "v", backend="vllm"))
-    assert not vllm_backend.usable()  # so --backend auto takes the HF path
 
 
 def test_read_rows_torn_tail(tmp_path):
@@ -301,6 +214,7 @@ def test_accelerate_processes_shard_and_merge_like_one_process(unsharded, prompt
     assert [r["responses"] for r in two] == [r["responses"] for r in rows]
 
 
+@pytest.mark.slow
 def test_checkpoint_generation_config_applies_unless_turned_off(prompt_file, tmp_path, tiny_llama_dir):
     """Plain generation honours the checkpoint's generation_config.json (as model.generate would), says so in
     run_info.json, and --checkpoint_processors false samples the raw distribution (what PPO's rollouts use)."""

@@ -89,6 +89,7 @@ def test_errors_name_file_instance_and_field(tmp_path):
         import_pairs(tmp_path)
 
 
+@pytest.mark.slow
 def test_prepare_data_imports_and_exports_lmflow(tmp_path):
     manifest = main(ScriptArguments(output_dir=str(tmp_path / "out"), lmflow_path=[str(FIXTURES / "lmflow_pairs.json")],
                                     export_lmflow=True))

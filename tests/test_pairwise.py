@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from rlhfkit import pairwise as pw
+from rlhfkit.errors import UserError
 from rlhfkit.train.losses import bradley_terry_loss
 
 VOCAB = 96
@@ -36,13 +37,45 @@ def _config(family: str, **extra):
         return transformers.Gemma2Config(**llama_like, head_dim=8, sliding_window=6, **common)
     if family == "gpt2":
         return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common)
-    raise ValueError(family)
+    # the other decoder families people train reward models and DPO policies on (issue 18)
+    two_types = ["sliding_attention", "full_attention"]
+    configs = {
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                       num_attention_heads=4, max_position_embeddings=256, **common),
+        "phi3": lambda: transformers.Phi3Config(**llama_like, sliding_window=None, **common),
+        "phi3_window": lambda: transformers.Phi3Config(**llama_like, sliding_window=6, **common),
+        "olmo2": lambda: transformers.Olmo2Config(**llama_like, **common),
+        "gemma3": lambda: transformers.Gemma3TextConfig(**llama_like, head_dim=8, sliding_window=6,
+                                                        layer_types=two_types, **common),
+        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**llama_like, num_experts=4, num_experts_per_tok=2,
+                                                         moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                                                         **common),
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**llama_like, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                                         moe_intermediate_size=16, **common),
+        "stablelm": lambda: transformers.StableLmConfig(**llama_like, **common),
+        "cohere": lambda: transformers.CohereConfig(**llama_like, **common),
+        "cohere2": lambda: transformers.Cohere2Config(**llama_like, sliding_window=6, layer_types=two_types, **common),
+        "mixtral": lambda: transformers.MixtralConfig(**llama_like, num_local_experts=4, num_experts_per_tok=2,
+                                                      sliding_window=None, **common),
+        "gptj": lambda: transformers.GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=256,
+                                                **common),
+        "granite": lambda: transformers.GraniteConfig(**llama_like, **common),
+        "smollm3": lambda: transformers.SmolLM3Config(**llama_like, no_rope_layers=[1, 0], **common),  # a NoPE layer
+        # position information the packed layouts cannot give (refused before running)
+        "falcon": lambda: transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                    **common),
+        "falcon_alibi": lambda: transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                          alibi=True, **common),
+        "bloom": lambda: transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **common),
+        "mpt": lambda: transformers.MptConfig(d_model=32, n_layers=2, n_heads=4, max_seq_len=256, **common),
+    }
+    return configs[family]()
 
 
 def _model(cls_name: str, config, impl: str = "sdpa"):
     torch.manual_seed(0)
-    if config.model_type == "gemma2":
-        impl = "eager"  # Gemma2 has no SDPA path (attention soft-capping)
+    if config.model_type in ("gemma2", "gptj", "bloom", "mpt"):
+        impl = "eager"  # no SDPA path (Gemma2: attention soft-capping)
     config._attn_implementation = impl
     if cls_name == "seqcls":
         config.num_labels = 1
@@ -50,6 +83,27 @@ def _model(cls_name: str, config, impl: str = "sdpa"):
     else:
         model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=impl)
     return model.float().eval()
+
+
+def _reward_or_causal(family: str):
+    """The family's reward model, or its causal LM where transformers has no sequence-classification class (Cohere,
+    Cohere2, Granite): the layout check then compares token log-probs."""
+    try:
+        return _model("seqcls", _config(family))
+    except ValueError as error:
+        assert "Unrecognized configuration class" in str(error)
+        return _model("causal", _config(family))
+
+
+def _equal_to_each_sequence_alone(model, kind: str, seed: int = 20) -> float:
+    """Largest |difference| between `kind` and the padded forward on random groups (not the check's own data)."""
+    sequences, groups, score_from = _groups(4, 3, seed=seed)
+    plan = pw.plan(sequences, groups, kind=kind, pad_token_id=PAD, score_from=score_from)
+    with torch.no_grad():
+        if hasattr(model, "score"):
+            return float((pw.sequence_rewards(model, plan) - _padded_rewards(model, sequences)).abs().max())
+        ours = pw.sum_per_sequence(pw.token_logprobs(model, plan).log_probs, plan)
+        return float((ours - _padded_logprob_sums(model, sequences, score_from)).abs().max())
 
 
 def _groups(n_groups: int, k: int, seed: int, min_prompt: int = 1, max_len: int = 20):
@@ -228,14 +282,93 @@ def test_choose_layout_falls_back_with_reasons(caplog):
     model = _model("seqcls", _config("llama"))
     assert pw.choose_layout(model, "auto") == "prefix_shared"
     assert pw.choose_layout(model, "padded") == "padded"
-    model.config._attn_implementation = "flash_attention_2"
-    assert pw.choose_layout(model, "prefix_shared") == "varlen"  # one row, positions restarting, no mask
+    # flash-attention takes no custom mask: only the varlen layout is a candidate (not runnable on this CPU)
+    assert pw._candidates(model.config, "flash_attention_2", "prefix_shared")[0] == ["varlen"]
     model.config._attn_implementation = "some_kernel"
     with caplog.at_level("INFO"):
         assert pw.choose_layout(model, "auto") == "padded"
     assert "cannot take a custom 4D mask" in caplog.text
+    with pytest.raises(UserError, match="some_kernel"):
+        pw.choose_layout(model, "prefix_shared")  # forced: an error, never a silent downgrade
     with pytest.raises(ValueError):
         pw.choose_layout(model, "fastest")
+
+
+NEW_FAMILIES = ["gpt_neox", "phi3", "phi3_window", "olmo2", "gemma3", "qwen2_moe", "qwen3_moe", "stablelm", "cohere",
+                "cohere2", "mixtral", "gptj", "granite", "smollm3"]
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES + FAMILIES)
+def test_auto_checks_the_loaded_model_and_picks_prefix_shared(family):
+    model = _reward_or_causal(family)
+    verdict = pw.layout_verdict(model, "auto")
+    assert verdict.layout == "prefix_shared", verdict.reason
+    assert "checked on this model" in verdict.reason and verdict.max_difference <= 1.0
+    assert _equal_to_each_sequence_alone(model, "prefix_shared") < 1e-4
+
+
+@pytest.mark.parametrize("family", ["falcon", "falcon_alibi", "bloom", "mpt"])
+@pytest.mark.parametrize("head", ["seqcls", "causal"])
+def test_models_without_position_ids_are_exact_under_every_flag_or_refused(family, head):
+    model = _model(head, _config(family))
+    for requested in pw.PAIRWISE_FORWARDS:
+        try:
+            kind = pw.choose_layout(model, requested)
+        except UserError as error:  # one line naming the model and why
+            assert requested in ("prefix_shared", "packed") and "\n" not in str(error)
+            assert type(model).__name__ in str(error)
+            assert "position_ids" in str(error) or "ALiBi" in str(error)
+            continue
+        assert _equal_to_each_sequence_alone(model, kind) < 1e-4, (requested, kind)
+    assert pw.layout_refusal(model) or (family == "falcon" and head == "causal")
+    if family == "falcon" and head == "seqcls":
+        # the refusal matters: forced past it, the prefix-shared layout gives wrong rewards, without an error (weights
+        # drawn wider than the default init so that positions move the result visibly)
+        sharp = _model(head, _config(family, initializer_range=0.5))
+        assert _equal_to_each_sequence_alone(sharp, "prefix_shared") > 1e-2
+
+
+def test_falcon_reward_model_is_refused_and_causal_lm_is_checked():
+    assert pw.layout_refusal(_model("seqcls", _config("falcon"))).startswith("FalconForSequenceClassification.forward")
+    assert pw.choose_layout(_model("causal", _config("falcon")), "auto") == "prefix_shared"  # rotary, position_ids
+
+
+def _fresh_cache(monkeypatch):
+    """An empty per-process verdict cache for this test only (the model class is changed in place)."""
+    monkeypatch.setattr(pw, "_CHECKS", {})
+    monkeypatch.setattr(pw, "_LOGGED", set())
+
+
+def test_a_model_whose_attention_ignores_the_mask_is_caught(monkeypatch, caplog):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def causal_only(module, query, key, value, attention_mask, **kwargs):  # drops our 4D mask: plain causal attention
+        return sdpa_attention_forward(module, query, key, value, None, **{**kwargs, "is_causal": query.shape[2] > 1})
+
+    _fresh_cache(monkeypatch)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", causal_only)
+    model = _model("seqcls", _config("llama"))
+    assert _equal_to_each_sequence_alone(model, "padded") < 1e-4  # each sequence alone is still right
+    with caplog.at_level("INFO", logger="rlhfkit.pairwise"):
+        assert pw.choose_layout(model, "auto") == "padded"
+    assert "prefix_shared differs from each sequence run alone" in caplog.text
+    with pytest.raises(UserError, match=r"LlamaForSequenceClassification .*differs from each sequence run alone by"):
+        pw.choose_layout(model, "prefix_shared")
+
+
+def test_the_choice_is_checked_once_and_logged_once_per_model(monkeypatch, caplog):
+    _fresh_cache(monkeypatch)
+    calls = []
+    check = pw.check_layout
+    monkeypatch.setattr(pw, "check_layout", lambda model, kind: calls.append(kind) or check(model, kind))
+    model = _model("seqcls", _config("qwen2"))
+    sequences, groups, _ = _groups(3, 2, seed=21)
+    with caplog.at_level("INFO", logger="rlhfkit.pairwise"):
+        for _ in range(3):  # scoring, annotation and evaluation call it once per scoring pass
+            pw.score_sequences(model, sequences, PAD, groups=groups)
+    assert calls == ["prefix_shared"]
+    assert caplog.text.count("pairwise forward: prefix_shared for Qwen2ForSequenceClassification") == 1
 
 
 def test_varlen_plan_is_one_row_with_restarting_positions():

@@ -162,6 +162,7 @@ def prompts_file(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow  # runs the stage to the end
 def test_ppo_rollouts_are_on_policy_from_a_penalised_checkpoint(penalised_checkpoint, frequent_tokens, prompts_file,
                                                                  tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -200,6 +201,7 @@ def test_ppo_rollouts_are_on_policy_from_a_penalised_checkpoint(penalised_checkp
     assert not torch.isin(batch.responses[batch.mask.bool()], torch.tensor(frequent_tokens)).any()
 
 
+@pytest.mark.slow  # runs the stage to the end
 def test_first_minibatch_ratio_is_one_with_lora_dropout(prompts_file, tmp_path):
     out = ppo_run(tmp_path / "dropout", "tiny-random-llama", "--dataset_path", prompts_file, use_peft="true",
                   lora_r=4, lora_alpha=8, lora_dropout=0.5, per_device_train_batch_size=2, ppo_epochs=2,
@@ -263,6 +265,7 @@ def no_pad_checkpoint(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # runs the stage to the end
 @pytest.mark.parametrize("estimator", ["gae", "rloo", "grpo"])
 def test_no_pad_checkpoint_resizes_reference_and_value_model(no_pad_checkpoint, prompts_file, tmp_path, estimator):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer

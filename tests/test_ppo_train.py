@@ -139,6 +139,7 @@ def mean(rows, key) -> float:
 LEARN = dict(max_steps=30, max_new_tokens=16, per_device_train_batch_size=16, ppo_epochs=4, seed=1)
 
 
+@pytest.mark.slow  # runs the stage to the end
 def test_ppo_gae_raises_reward_with_bounded_kl(workdir, prompts_file):
     out = run(workdir / "ppo_gae", "--dataset_path", prompts_file, reward_fn=REWARD_FN, rollout_batch_size=32,
               learning_rate=3e-3, kl_coef=0.01, **LEARN)
@@ -165,6 +166,7 @@ def test_ppo_gae_raises_reward_with_bounded_kl(workdir, prompts_file):
     assert metrics["reward_raw_last"] > metrics["reward_raw_first"]
 
 
+@pytest.mark.slow  # runs the stage to the end
 def test_rloo_raises_reward_without_a_value_model(workdir, prompts_file):
     out = run(workdir / "rloo", "--dataset_path", prompts_file, reward_fn=REWARD_FN, advantage_estimator="rloo",
               rollout_batch_size=8, num_samples_per_prompt=4, learning_rate=3e-3, kl_coef=0.01, **LEARN)
@@ -176,6 +178,7 @@ def test_rloo_raises_reward_without_a_value_model(workdir, prompts_file):
     assert not (out / "value_model").exists()
 
 
+@pytest.mark.slow  # runs the stage to the end
 @pytest.mark.parametrize("estimator", ["grpo", "reinforce_pp"])
 def test_other_critic_free_estimators_run(workdir, prompts_file, estimator):
     out = run(workdir / estimator, "--dataset_path", prompts_file, reward_fn=REWARD_FN,
@@ -223,6 +226,7 @@ def test_rollout_layout_and_reward_position(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # reward models and the value model
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # runs the stage to the end
 def test_value_model_starts_from_the_reward_model(workdir, prompts_file, same_tokenizer_rm):
     from safetensors.torch import load_file
 
@@ -233,7 +237,7 @@ def test_value_model_starts_from_the_reward_model(workdir, prompts_file, same_to
     info = json.loads((out / "run_info.json").read_text())
     assert info["value_model"]["init"] == "reward_model"
     assert info["reward_normalization"] == "rm_stats"
-    assert info["reward"]["reward_stats"] == {"mean": 0.5, "std": 2.0}
+    assert info["reward"][0]["reward_stats"] == {"mean": 0.5, "std": 2.0}
     rows = history(out)
     # normalised = (raw − 0.5) / 2 with no penalty or clip configured
     for row in rows:
@@ -265,6 +269,7 @@ def test_reward_model_with_another_tokenizer_scores_the_rerendered_conversation(
     assert scores[0] != pytest.approx(scores[1])
 
 
+@pytest.mark.slow  # runs the stage to the end
 def test_ppo_with_a_reward_model_of_another_tokenizer(workdir, prompts_file, other_tokenizer_rm):
     with pytest.raises(UserError, match="share the policy's tokenizer"):
         run(workdir / "bad_value", "--dataset_path", prompts_file, reward_model_path=other_tokenizer_rm,
@@ -280,6 +285,7 @@ def test_ppo_with_a_reward_model_of_another_tokenizer(workdir, prompts_file, oth
         assert row["reward/normalized"] == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.slow  # runs the stage to the end
 def test_lora_policy_and_value_with_gradient_checkpointing(workdir, prompts_file, same_tokenizer_rm):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -299,12 +305,13 @@ def test_lora_policy_and_value_with_gradient_checkpointing(workdir, prompts_file
     # args.yaml reruns the same configuration
     script_args, model_args, training_args = parse_args(TYPES, ["--config", str(out / "args.yaml")])
     assert model_args.use_peft and training_args.gradient_checkpointing
-    assert script_args.reward_model_path == same_tokenizer_rm
+    assert script_args.reward_model_path == [same_tokenizer_rm]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # resume
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # runs the stage to the end
 def test_resume_after_a_crash_continues_from_the_saved_step(workdir, prompts_file, monkeypatch):
     from safetensors.torch import load_file
 
@@ -392,7 +399,10 @@ def test_help_lists_the_ppo_flags(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--advantage_estimator", "--kl_estimator", "--missing_eos_penalty", "--reward_fn",
-                 "--value_model_init", "--use_peft", "--resume_from_checkpoint"):
+                 "--value_model_init", "--use_peft", "--resume_from_checkpoint", "--reward_weights",
+                 "--loss_aggregation", "--importance_sampling_level", "--policy_loss", "--cliprange_high",
+                 "--mask_truncated_completions", "--dynamic_sampling", "--overlong_penalty", "--eval_dataset_path",
+                 "arXiv 2503.14476", "arXiv 2507.18071"):
         assert flag in text
 
 
@@ -408,11 +418,16 @@ def test_recipes_parse(recipe):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--reward_fn", REWARD_FN, "--reward_model_path", "x"], "exactly one reward source"),
+        ([], "at least one reward source"),
+        (["--reward_fn", REWARD_FN, "--reward_fn", "format", "--reward_weights", "1"], "1 weights for 2 reward"),
+        (["--reward_fn", REWARD_FN, "--loss_aggregation", "dapo"], "--loss_aggregation must be one of token"),
+        (["--reward_fn", REWARD_FN, "--importance_sampling_level", "seq"], "importance_sampling_level"),
+        (["--reward_fn", REWARD_FN, "--policy_loss", "sapo"], "--policy_loss must be one of ppo, cispo"),
+        (["--reward_fn", REWARD_FN, "--dynamic_sampling", "true"], "use --advantage_estimator grpo or rloo"),
         (["--reward_fn", REWARD_FN, "--advantage_estimator", "grpo"], "num_samples_per_prompt"),
         (["--reward_fn", REWARD_FN, "--kl_estimator", "k7"], "kl_estimator"),
         (["--reward_fn", REWARD_FN, "--rollout_batch_size", "3", "--per_device_train_batch_size", "2"], "minibatches"),
-        (["--reward_fn", REWARD_FN, "--use_vllm", "true"], "use_vllm"),
+        (["--reward_fn", REWARD_FN, "--vllm_importance_sampling_correction", "true"], "needs --use_vllm true"),
     ],
 )
 def test_bad_flags_are_one_line_errors(argv, message):
@@ -452,6 +467,7 @@ def preempting_reward(prompts, responses):
     return positive_words_reward(prompts, responses)
 
 
+@pytest.mark.slow  # runs the stage to the end
 def test_sigterm_checkpoints_the_step_and_resumes_to_the_same_weights(workdir, prompts_file, capsys):
     from safetensors.torch import load_file
 
@@ -472,3 +488,78 @@ def test_sigterm_checkpoints_the_step_and_resumes_to_the_same_weights(workdir, p
     assert [row["step"] for row in history(out)] == [1, 2, 3, 4, 5]
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the GRPO family: verifiable and several rewards, dynamic sampling, overlong shaping, held-out evaluation
+# ---------------------------------------------------------------------------------------------------------------
+def digit_reward(prompts, responses):
+    """Varied scores from a random policy: the share of characters that are digits."""
+    return [sum(ch.isdigit() for ch in text) / max(1, len(text)) for text in responses]
+
+
+@pytest.mark.slow
+def test_grpo_family_run_logs_every_component_and_evaluates_held_out(workdir):
+    from rlhfkit.rl.tasks import make_problems
+
+    train = workdir / "add_train.jsonl"
+    heldout = workdir / "add_heldout.jsonl"
+    rows = make_problems("add", 24, seed=1)
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows[:16]))
+    heldout.write_text("".join(json.dumps(row) + "\n" for row in rows[16:]))
+    out = run(workdir / "grpo_family", "--dataset_path", str(train), "--eval_dataset_path", str(heldout),
+              "--reward_fn", "exact_answer", "--reward_fn", f"{__file__}:digit_reward", "--reward_fn", "format",
+              "--reward_weights", "1", "0.5", "0.2", advantage_estimator="grpo", num_samples_per_prompt=4,
+              rollout_batch_size=2, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+              dynamic_sampling="true", dynamic_sampling_max_batches=3, overlong_penalty="true",
+              overlong_buffer_length=4, mask_truncated_completions="true", loss_aggregation="token",
+              importance_sampling_level="sequence", cliprange_high=0.28, kl_loss_coef=0.01)
+    rows = history(out)
+    for row in rows:
+        for key in ("reward/exact_answer", "reward/digit_reward", "reward/format", "reward/overlong",
+                    "sampling/generation_batches", "sampling/informative_groups", "sampling/filled_groups",
+                    "policy/clipfrac_high", "policy/kl_loss"):
+            assert key in row, key
+        assert row["reward/raw"] == pytest.approx(
+            row["reward/exact_answer"] + 0.5 * row["reward/digit_reward"] + 0.2 * row["reward/format"], abs=1e-5)
+        assert 1 <= row["sampling/generation_batches"] <= 3
+        assert row["sampling/informative_groups"] + row["sampling/filled_groups"] >= 2
+        assert row["policy/first_ratio"] == pytest.approx(1.0, abs=1e-5)  # still on-policy
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("reward", "exact_answer", "digit_reward", "format"):
+        assert set(metrics["eval"][key]) == {"before", "after", "delta"}
+        assert metrics["eval"][key]["after"]["n"] == 8
+    after = [json.loads(line) for line in (out / "eval_after.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in after] == [f"add-1-{i}" for i in range(16, 24)]
+    info = json.loads((out / "run_info.json").read_text())
+    assert [entry["key"] for entry in info["reward"]] == ["exact_answer", "digit_reward", "format"]
+
+
+def test_exact_answer_needs_the_answer_column(workdir, prompts_file):
+    with pytest.raises(UserError, match=r"row 1 \(id '.*'\): field 'answer': missing"):
+        run(workdir / "no_answer", "--dataset_path", prompts_file, reward_fn="exact_answer")
+    assert not (workdir / "no_answer").exists()
+
+
+def test_dynamic_sampling_draws_fresh_prompts_and_concatenates_rollouts():
+    used = set(ppo.prompt_positions(3, 4, 10, seed=0))
+    extra = ppo.draw_positions(3, 1, 4, 10, 0, used)
+    assert not used & set(extra) and extra == ppo.draw_positions(3, 1, 4, 10, 0, used)
+    assert ppo.draw_positions(3, 0, 4, 10, 0, set()) == ppo.prompt_positions(3, 4, 10, seed=0)
+
+    def rollout(prompt_len, width, fill):
+        responses = torch.full((2, width), fill)
+        mask = torch.ones(2, width)
+        mask[1, -1] = 0
+        attention = torch.cat([torch.ones(2, prompt_len, dtype=torch.long), mask.long()], dim=1)
+        return ppo.Rollout(prompts=[[{"role": "user", "content": str(fill)}]] * 2, texts=[str(fill)] * 2,
+                           input_ids=torch.cat([torch.full((2, prompt_len), 7), responses], dim=1),
+                           attention_mask=attention, position_ids=ppo.positions_from_mask(attention),
+                           responses=responses, mask=mask, has_stop=torch.tensor([True, False]),
+                           sample_logprobs=-mask)
+
+    merged = ppo.concat_rollouts([rollout(3, 2, 5), rollout(1, 4, 6)], [(1, 0), (0, 1)], pad_id=0)
+    assert merged.input_ids.tolist() == [[0, 0, 7, 6, 6, 6, 6], [7, 7, 7, 5, 5, 0, 0]]  # prompts left, responses right
+    assert merged.mask.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
+    assert merged.position_ids[0].tolist()[2:] == [0, 1, 2, 3, 4] and merged.has_stop.tolist() == [True, False]
+    assert merged.texts == ["6", "5"]

@@ -283,9 +283,10 @@ MIXTURE2 = {**MIXTURE1, "shp": (6, 4), "ultrafeedback": (4, 6), "helpsteer": (7,
     ("mixture3", {**MIXTURE2, "pku-saferlhf-30k": (3, 2)}),
     ("mixture4", {**MIXTURE2, "pku-saferlhf": (5, 5)}),
 ])
+@pytest.mark.slow
 def test_recipe_counts_add_up(tmp_path, recipe, expected):
     # mixture4 asks PKU-SafeRLHF for 150K pairs; the 5-row fixture only builds with --allow_short_sources
-    manifest, out_rows = run(tmp_path, recipe, recipe=recipe, allow_short_sources=recipe == "mixture4")
+    manifest, out_rows = run(tmp_path, recipe, mixture=recipe, allow_short_sources=recipe == "mixture4")
     assert_adds_up(manifest, out_rows)
     assert {label: (e["input_rows"], e["kept"]) for label, e in manifest["sources"].items()} == expected
     for row in out_rows:
@@ -294,8 +295,9 @@ def test_recipe_counts_add_up(tmp_path, recipe, expected):
     assert manifest["sources"]["shp"]["holds_fewer_rows_than_published"] is True  # a 6-row fixture
 
 
+@pytest.mark.slow
 def test_mixture1_rule_counts(tmp_path):
-    manifest, out_rows = run(tmp_path, "m1", recipe="mixture1")
+    manifest, out_rows = run(tmp_path, "m1", mixture="mixture1")
     sources = manifest["sources"]
     # HH: harmless-base and the test split are not read; row 3 has different human turns, row 2 has
     # "Paris." vs "Paris. ", online row 1 has an empty reply.
@@ -319,8 +321,9 @@ def test_mixture1_rule_counts(tmp_path):
     assert sources["orca"]["dropped_rows"] == {"unrated": 1} and sources["orca"]["dropped_pairs"]["ties"] == 1
 
 
+@pytest.mark.slow
 def test_mixture2_all_pairs_counts(tmp_path):
-    manifest, _ = run(tmp_path, "m2", recipe="mixture2")
+    manifest, _ = run(tmp_path, "m2", mixture="mixture2")
     uf, hs = manifest["sources"]["ultrafeedback"], manifest["sources"]["helpsteer"]
     # UF: 6 + 6 + 1 candidate pairs; ties: one in row 0 (3.0 vs 3.0) and all six of the all-4.0 row
     assert (uf["candidate_pairs"], uf["dropped_pairs"]["ties"], uf["kept"]) == (13, 7, 6)
@@ -329,8 +332,9 @@ def test_mixture2_all_pairs_counts(tmp_path):
     assert manifest["sources"]["shp"]["dropped_pairs"]["per_prompt_cap"] == 0
 
 
+@pytest.mark.slow
 def test_flags_override_the_recipe(tmp_path):
-    manifest, out_rows = run(tmp_path, "m4", recipe="mixture4", pku_max_pairs=2, pku_preference="agree",
+    manifest, out_rows = run(tmp_path, "m4", mixture="mixture4", pku_max_pairs=2, pku_preference="agree",
                              ties="keep", sources=["pku_saferlhf", "orca"])
     pku = manifest["sources"]["pku-saferlhf"]
     # agree: rows 0 and 2 disagree (better 0, safer 1) → 3 left, sampled down to 2
@@ -341,17 +345,19 @@ def test_flags_override_the_recipe(tmp_path):
     assert manifest["options"]["pku_max_pairs"] == 2 and manifest["options"]["ultrafeedback_pairing"] == "all_pairs"
 
 
+@pytest.mark.slow
 def test_same_seed_gives_byte_identical_output(tmp_path):
-    run(tmp_path, "a", recipe="mixture1", seed=7)
-    run(tmp_path, "b", recipe="mixture1", seed=7)
+    run(tmp_path, "a", mixture="mixture1", seed=7)
+    run(tmp_path, "b", mixture="mixture1", seed=7)
     for name in ("pairs.jsonl", "manifest.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert json.loads((tmp_path / "a" / "run_info.json").read_text())["complete"] is True
 
 
+@pytest.mark.slow
 def test_decontamination_removes_planted_overlaps_only(tmp_path):
-    clean, clean_rows = run(tmp_path, "plain", recipe="mixture1")
-    manifest, out_rows = run(tmp_path, "decon", recipe="mixture1",
+    clean, clean_rows = run(tmp_path, "plain", mixture="mixture1")
+    manifest, out_rows = run(tmp_path, "decon", mixture="mixture1",
                              decontaminate_against=[str(FIXTURES / "rewardbench.jsonl")])
     assert_adds_up(manifest, out_rows)
     removed = {row["id"] for row in clean_rows} - {row["id"] for row in out_rows}
@@ -362,7 +368,7 @@ def test_decontamination_removes_planted_overlaps_only(tmp_path):
     report = manifest["decontamination"]
     assert (report["ngram"], report["eval_prompts"], report["eval_prompts_too_short"]) == (13, 4, 1)
     assert report["dropped_total"] == 2 and report["dropped_per_source"]["shp"] == 1
-    _, twelve = run(tmp_path, "decon12", recipe="mixture1", decontamination_ngram=12,
+    _, twelve = run(tmp_path, "decon12", mixture="mixture1", decontamination_ngram=12,
                     decontaminate_against=[str(FIXTURES / "rewardbench.jsonl")])
     assert {row["id"] for row in clean_rows} - {row["id"] for row in twelve} == removed | {"hh-rlhf:helpful-base:2"}
 
@@ -395,6 +401,7 @@ def test_bad_input_names_file_row_and_field(tmp_path):
         main(ScriptArguments(output_dir=str(tmp_path / "out"), orca_path=[str(bad)]))
 
 
+@pytest.mark.slow
 def test_yaml_config_and_cli_exit_code(tmp_path):
     from rlhfkit.cli import parse_args
 
@@ -402,7 +409,7 @@ def test_yaml_config_and_cli_exit_code(tmp_path):
     config.write_text(f"recipe: mixture1\nsource_dir: {FIXTURES}\noutput_dir: {tmp_path / 'cfg'}\nseed: 3\n"
                       "shp_select: max_ratio\n")
     (args,) = parse_args((ScriptArguments,), ["--config", str(config)])
-    assert (args.recipe, args.seed, args.shp_select) == ("mixture1", 3, "max_ratio")
+    assert (args.mixture, args.seed, args.shp_select) == ("mixture1", 3, "max_ratio")
     manifest = main(args)
     assert manifest["options"]["shp_select"] == "max_ratio"
     shp_p1 = [r for r in map(json.loads, (tmp_path / "cfg" / "pairs.jsonl").open()) if r["id"].startswith("shp:p1")]
@@ -423,16 +430,18 @@ def test_resolve_options_precedence():
         resolve_options(None, {"ties": "flip"})
 
 
+@pytest.mark.slow
 def test_output_loads_through_the_shared_preference_loader(tmp_path):
     from rlhfkit.data import load_preferences
 
-    _, out_rows = run(tmp_path, "m2", recipe="mixture2")
+    _, out_rows = run(tmp_path, "m2", mixture="mixture2")
     data = load_preferences([str(tmp_path / "m2" / "pairs.jsonl")])
     assert len(data.rows) == len(out_rows)
     assert [(r["prompt"], r["chosen"], r["rejected"], r["source"]) for r in data.rows] == \
         [(r["prompt"], r["chosen"], r["rejected"], r["source"]) for r in out_rows]
 
 
+@pytest.mark.slow
 def test_sources_split_over_several_files_keep_unique_ids(tmp_path):
     shards = tmp_path / "shp"
     shards.mkdir()
@@ -444,6 +453,7 @@ def test_sources_split_over_several_files_keep_unique_ids(tmp_path):
     assert {row["id"] for row in out_rows} >= {"shp:p2:1.5", "shp:p2:2.5"}
 
 
+@pytest.mark.slow
 def test_hub_sources_are_loaded_by_name_and_hh_subset(tmp_path, monkeypatch):
     import datasets
 
@@ -461,7 +471,7 @@ def test_hub_sources_are_loaded_by_name_and_hh_subset(tmp_path, monkeypatch):
     import prepare_data
 
     monkeypatch.setattr(prepare_data, "resolve_hub_revision", lambda name, revision: f"sha-of-{name}@{revision}")
-    manifest = main(ScriptArguments(output_dir=str(tmp_path / "out"), recipe="mixture1", sources=["hh_rlhf", "orca"],
+    manifest = main(ScriptArguments(output_dir=str(tmp_path / "out"), mixture="mixture1", sources=["hh_rlhf", "orca"],
                                     hub_revision=["orca=abc123"]))
     assert calls == [("Anthropic/hh-rlhf", "helpful-base", "train", "main"),
                      ("Anthropic/hh-rlhf", "helpful-online", "train", "main"),
@@ -487,10 +497,11 @@ def test_every_hub_source_is_pinned_and_pku_to_its_first_release():
     assert SOURCES["pku_saferlhf"].revision == "v0"
 
 
+@pytest.mark.slow
 def test_recipe_asking_for_more_pairs_than_the_source_holds(tmp_path):
     with pytest.raises(UserError, match=r"asks for 150000 pairs .* holds only 5 .*revision 'v0'.*--allow_short_sources"):
-        run(tmp_path, "m4", recipe="mixture4", sources=["pku_saferlhf"])
-    manifest, out_rows = run(tmp_path, "m4b", recipe="mixture4", sources=["pku_saferlhf"], allow_short_sources=True)
+        run(tmp_path, "m4", mixture="mixture4", sources=["pku_saferlhf"])
+    manifest, out_rows = run(tmp_path, "m4b", mixture="mixture4", sources=["pku_saferlhf"], allow_short_sources=True)
     short = manifest["shortfalls"]["pku-saferlhf"]
     assert (short["requested"], short["available"], short["input_rows"]) == (150000, 5, 5)
     assert len(out_rows) == 5

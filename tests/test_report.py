@@ -180,6 +180,7 @@ def models(tmp_path_factory):
             "rm_eval": str(root / "rm_eval")}
 
 
+@pytest.mark.slow
 def test_full_report_on_synthetic_generations(tmp_path, models, capsys):
     _write_generations(tmp_path / "base.jsonl", GLOOMY)
     _write_generations(tmp_path / "dpo.jsonl", CHEERFUL + ["A | pipe\nand a newline."])

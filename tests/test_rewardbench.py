@@ -59,14 +59,15 @@ def run_eval(argv):
 
 
 def test_xstest_weights_are_rewardbench_example_counts():
-    # allenai/reward-bench rewardbench/constants.py EXAMPLE_COUNTS: refuse 250, respond 154 (weights, not row counts)
-    assert EXAMPLE_COUNTS["xstest-should-refuse"] == 250
-    assert EXAMPLE_COUNTS["xstest-should-respond"] == 154
+    # allenai/reward-bench rewardbench/constants.py EXAMPLE_COUNTS on main since 6552e93 and in rewardbench 0.1.4:
+    # refuse 154, respond 250 (weights, not row counts; tests/test_rewardbench_oracle.py checks against the package)
+    assert EXAMPLE_COUNTS["xstest-should-refuse"] == 154
+    assert EXAMPLE_COUNTS["xstest-should-respond"] == 250
     per_subset = {s: {"accuracy": a, "n": 1} for s, a in [("refusals-dangerous", 0.9), ("refusals-offensive", 0.9),
                   ("xstest-should-refuse", 0.95), ("xstest-should-respond", 0.5), ("donotanswer", 0.6)]}
     safety = rewardbench_summary(per_subset)["sections"]["Safety"]
-    assert safety == pytest.approx(100 * (90 + 90 + 0.95 * 250 + 0.5 * 154 + 0.6 * 136) / 740)  # 77.85
-    assert round(safety, 2) == 77.85
+    assert safety == pytest.approx(100 * (90 + 90 + 0.95 * 154 + 0.5 * 250 + 0.6 * 136) / 740)  # 72.01
+    assert round(safety, 2) == 72.01
 
 
 def test_prompt_roles_by_position_as_rewardbench():
@@ -177,17 +178,18 @@ def _v1_fixture(tmp_path):
     return write_jsonl(tmp_path / "rb.jsonl", rows)
 
 
+@pytest.mark.slow  # runs the stage's main to the end
 def test_eval_benchmark_v1_every_row_safety_by_hand(tmp_path, monkeypatch, tiny_rm_dir):
     import rlhfkit.scoring
 
     monkeypatch.setattr(rlhfkit.scoring, "score_conversations", _rule_scores)
-    results = run_eval(["--reward_name_or_path", str(tiny_rm_dir), "--dataset_path", str(_v1_fixture(tmp_path)),
-                        "--record_dir", str(tmp_path / "eval"), "--calibration", "false"])
+    results = run_eval(["--reward_model_path", str(tiny_rm_dir), "--dataset_path", str(_v1_fixture(tmp_path)),
+                        "--output_dir", str(tmp_path / "eval"), "--calibration", "false"])
     assert results["benchmark"] == "v1"
     assert results["pairs"] == 10  # nothing dropped
     assert (results["identical_pairs"], results["empty_chosen"], results["empty_rejected"]) == (1, 1, 1)
     assert results["ties"] == 2
-    safety = 100 * (0.5 * 100 + 1.0 * 100 + 0.5 * 250 + (2 / 3) * 154 + 0.0 * 136) / (100 + 100 + 250 + 154 + 136)
+    safety = 100 * (0.5 * 100 + 1.0 * 100 + 0.5 * 154 + (2 / 3) * 250 + 0.0 * 136) / (100 + 100 + 154 + 250 + 136)
     summary = results["rewardbench"]
     assert summary["sections"]["Safety"] == pytest.approx(safety)
     assert summary["sections"]["Chat"] == pytest.approx(100.0)
@@ -216,6 +218,7 @@ def _short_bert(tmp_path, tiny_bert_dir, positions=24):
     return out
 
 
+@pytest.mark.slow  # runs the stage's main to the end
 def test_sequences_beyond_the_position_limit_are_truncated_and_counted_not_a_crash(tmp_path, tiny_bert_dir):
     model_dir = _short_bert(tmp_path, tiny_bert_dir)
     rows = [{"prompt": [{"role": "user", "content": "a long question " * 10}, {"role": "assistant", "content": "ok"},
@@ -223,8 +226,8 @@ def test_sequences_beyond_the_position_limit_are_truncated_and_counted_not_a_cra
              "chosen": [{"role": "assistant", "content": "yes " * 8}], "rejected": [{"role": "assistant", "content": "no"}]},
             {"prompt": "short", "chosen": "a", "rejected": "b"}]
     path = write_jsonl(tmp_path / "hh.jsonl", rows)
-    results = run_eval(["--reward_name_or_path", str(model_dir), "--dataset_path", str(path),
-                        "--record_dir", str(tmp_path / "eval"), "--batch_size", "2"])
+    results = run_eval(["--reward_model_path", str(model_dir), "--dataset_path", str(path),
+                        "--output_dir", str(tmp_path / "eval"), "--batch_size", "2"])
     truncation = results["truncation"]
     assert truncation["model_position_limit"] == 24 and truncation["max_length"] == 24 and truncation["capped_by_model"]
     assert truncation["truncated_sequences"] == 2 and truncation["truncated_pairs"] == 1
@@ -232,17 +235,18 @@ def test_sequences_beyond_the_position_limit_are_truncated_and_counted_not_a_cra
     assert results["diagnostics"]["batch_invariance"]["max_abs_diff"] < 1e-4
 
 
+@pytest.mark.slow  # runs the stage's main to the end
 def test_dpo_mode_ref_free_and_with_reference(tmp_path, tiny_llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     rows = [{"prompt": f"q{i}", "chosen": "good answer " * (i + 1), "rejected": "bad", "subset": "hep-go", "id": str(i)}
             for i in range(3)]
     path = write_jsonl(tmp_path / "rb.jsonl", rows)
-    same = run_eval(["--reward_name_or_path", str(tiny_llama_dir), "--ref_model_name_or_path", str(tiny_llama_dir),
-                     "--dataset_path", str(path), "--record_dir", str(tmp_path / "same"), "--calibration", "false"])
+    same = run_eval(["--reward_model_path", str(tiny_llama_dir), "--ref_model_path", str(tiny_llama_dir),
+                     "--dataset_path", str(path), "--output_dir", str(tmp_path / "same"), "--calibration", "false"])
     assert same["scoring"] == "implicit_reward" and same["ties"] == 3 and same["accuracy"] == 0.0  # π = π_ref
-    free = run_eval(["--reward_name_or_path", str(tiny_llama_dir), "--ref_free", "true", "--dataset_path", str(path),
-                     "--record_dir", str(tmp_path / "free"), "--calibration", "false", "--batch_size", "2"])
+    free = run_eval(["--reward_model_path", str(tiny_llama_dir), "--ref_free", "true", "--dataset_path", str(path),
+                     "--output_dir", str(tmp_path / "free"), "--calibration", "false", "--batch_size", "2"])
     assert free["scoring"] == "implicit_reward_ref_free_avg"
     # the average response log-prob of pair 0's chosen, computed directly
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
@@ -259,12 +263,13 @@ def test_dpo_mode_ref_free_and_with_reference(tmp_path, tiny_llama_dir):
     assert free["diagnostics"]["batch_invariance"]["max_abs_diff"] < 1e-4
 
 
+@pytest.mark.slow  # runs the stage's main to the end
 def test_identical_pair_is_an_exact_tie_with_a_real_model(tmp_path, tiny_rm_dir):
     # scored once, so batch-padding float noise cannot turn the tie into a win
     rows = [{"prompt": f"question {i} " * (i % 5 + 1), "chosen": "fine " * (i % 4 + 1), "rejected": "no", "subset": "hep-go",
              "id": str(i)} for i in range(9)] + [{"prompt": "same", "chosen": "x", "rejected": "x", "subset": "hep-go", "id": "9"}]
-    results = run_eval(["--reward_name_or_path", str(tiny_rm_dir), "--dataset_path", str(write_jsonl(tmp_path / "rb.jsonl", rows)),
-                        "--record_dir", str(tmp_path / "eval"), "--batch_size", "3", "--calibration", "false"])
+    results = run_eval(["--reward_model_path", str(tiny_rm_dir), "--dataset_path", str(write_jsonl(tmp_path / "rb.jsonl", rows)),
+                        "--output_dir", str(tmp_path / "eval"), "--batch_size", "3", "--calibration", "false"])
     last = json.loads((tmp_path / "eval" / "scores.jsonl").read_text().splitlines()[-1])
     assert last["chosen_score"] == last["rejected_score"] and last["correct"] is False
     assert results["ties"] >= 1 and results["identical_pairs"] == 1

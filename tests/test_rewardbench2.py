@@ -81,6 +81,7 @@ def _rule_scores(model, tokenizer, conversations, *args, **kwargs):
     return [float(conv[-1]["content"].count("good")) for conv in conversations]
 
 
+@pytest.mark.slow  # runs the stage's main to the end
 def test_eval_benchmark_v2_by_hand(tmp_path, monkeypatch, tiny_llama_dir):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -109,8 +110,8 @@ def test_eval_benchmark_v2_by_hand(tmp_path, monkeypatch, tiny_llama_dir):
     ] + [row(6 + i, "Ties", [g(s) for s in r["scores"][: r["num_correct"]]],
              [g(s) for s in r["scores"][r["num_correct"]:]], r["num_correct"], r["id"]) for i, r in enumerate(ties_rows())]
     path = write_jsonl(tmp_path / "rb2.jsonl", rows)
-    results = run_eval(["--reward_name_or_path", str(rm), "--dataset_path", str(path),
-                        "--record_dir", str(tmp_path / "eval")])
+    results = run_eval(["--reward_model_path", str(rm), "--dataset_path", str(path),
+                        "--output_dir", str(tmp_path / "eval")])
     assert results["benchmark"] == "v2"
     per = results["per_subset"]
     assert per["Factuality"]["score"] == pytest.approx(0.75)
@@ -128,5 +129,5 @@ def test_eval_benchmark_v2_by_hand(tmp_path, monkeypatch, tiny_llama_dir):
     assert scored[1]["result"] == 0.5 and scored[6]["result"] is None
     # forced v1 on v2 rows is a clear error, not a traceback
     with pytest.raises(UserError):
-        run_eval(["--reward_name_or_path", str(rm), "--dataset_path", str(path), "--record_dir",
+        run_eval(["--reward_model_path", str(rm), "--dataset_path", str(path), "--output_dir",
                   str(tmp_path / "e2"), "--benchmark", "v1"])

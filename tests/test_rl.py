@@ -248,3 +248,183 @@ def test_advantage_estimators_know_their_needs_and_unknown_names_raise():
     grpo, _ = compute_advantages("grpo", scores, kl, mask, None, 0.0, group_size=2, whiten_advantages=False,
                                  grpo_scale_by_std=False)
     assert grpo[:, 0].tolist() == [0.5, -0.5, 1.0, -1.0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the GRPO-family objectives (rlhfkit.rl.objectives), by hand
+# ---------------------------------------------------------------------------------------------------------------
+from rlhfkit.rl import objectives  # noqa: E402
+from rlhfkit.rl import rewards  # noqa: E402
+
+
+def test_importance_weights_token_and_sequence_by_hand():
+    logprobs = torch.log(torch.tensor([[2.0, 0.5, 7.0], [1.0, 4.0, 1.0]]))
+    old = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    close(objectives.importance_log_weights(logprobs, old, mask, "token"), logprobs)
+    # GSPO: exp(mean log ρ) over counted tokens: row 0 √(2·0.5) = 1 (the 7 is padding), row 1 ∛4
+    sequence = objectives.importance_log_weights(logprobs, old, mask, "sequence")
+    assert sequence.shape == (2, 1)
+    close(torch.exp(sequence), [[1.0], [4.0 ** (1 / 3)]])
+    with pytest.raises(ValueError, match="importance sampling level"):
+        objectives.importance_log_weights(logprobs, old, mask, "tokens")
+
+
+def test_clip_higher_is_asymmetric_by_hand():
+    weights = torch.tensor([[1.25, 1.25, 0.75, 0.75]])
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    loss = objectives.clipped_surrogate(torch.log(weights), advantages, clip_low=0.2, clip_high=0.28)
+    # ρ=1.25 < 1.28: not clipped for A>0 → −1.25; A<0: −min(−1.25, −1.25) = 1.25;
+    # ρ=0.75 < 0.8: A>0 → −min(0.75, 0.8) = −0.75; A<0 → −min(−0.75, −0.8) = 0.8 (clipped from below)
+    close(loss, [[-1.25, 1.25, -0.75, 0.8]])
+    symmetric = objectives.clipped_surrogate(torch.log(weights), advantages, clip_low=0.2, clip_high=0.2)
+    close(symmetric, [[-1.2, 1.25, -0.75, 0.8]])  # with ε_high = 0.2, ρ = 1.25 is clipped to 1.2 for A > 0
+
+
+def test_cispo_keeps_every_gradient_and_detaches_the_weight():
+    old = torch.zeros(1, 3)
+    logprobs = torch.log(torch.tensor([[3.0, 1.0, 0.5]])).requires_grad_()
+    advantages = torch.tensor([[1.0, 2.0, -1.0]])
+    log_weights = objectives.importance_log_weights(logprobs, old, torch.ones(1, 3))
+    loss = objectives.cispo_loss(log_weights, logprobs, advantages, clip_low=1.0, clip_high=1.0)
+    # weights clipped to [0, 2]: 3 → 2, 1, 0.5; loss_t = −w·A·log π
+    close(loss, [[-2.0 * math.log(3.0), -2.0 * 0.0, -0.5 * -1.0 * math.log(0.5)]])
+    loss.sum().backward()
+    close(logprobs.grad, [[-2.0, -2.0, 0.5]])  # −sg(w)·A: the clipped token keeps its gradient (PPO's would be 0)
+
+
+def test_loss_aggregations_by_hand():
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 100.0, 100.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    # token / bnpo: (1+2+3+4)/4; sequence: mean(2, 4) = 3; dr_grpo: 10 / (2 rows · L=5)
+    close(objectives.aggregate_loss(per_token, mask, "token"), 2.5)
+    close(objectives.aggregate_loss(per_token, mask, "bnpo"), 2.5)
+    close(objectives.aggregate_loss(per_token, mask, "sequence"), 3.0)
+    close(objectives.aggregate_loss(per_token, mask, "dr_grpo", max_completion_length=5), 1.0)
+    close(objectives.aggregate_loss(per_token, mask, "token", num_tokens=8), 10 / 8)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        objectives.aggregate_loss(per_token, mask, "dr_grpo")
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        objectives.aggregate_loss(per_token, mask, "dapo")
+
+
+def test_token_aggregation_over_accumulation_steps_is_the_minibatch_token_mean():
+    # two micro-batches of one accumulation window with 3 and 1 counted tokens: accelerate divides each micro
+    # loss by G = 2, so each must divide its sum by N / G = 4 / 2 for the step to see Σ / N
+    micro = [(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1.0, 1.0, 1.0]])),
+             (torch.tensor([[10.0, 50.0, 50.0]]), torch.tensor([[1.0, 0.0, 0.0]]))]
+    normalizer = objectives.token_normalizer(window_tokens=4.0, accumulation_steps=2)
+    step = sum(objectives.aggregate_loss(loss, mask, "token", num_tokens=normalizer) / 2 for loss, mask in micro)
+    close(step, (1 + 2 + 3 + 10) / 4)
+    bnpo = sum(objectives.aggregate_loss(loss, mask, "bnpo") / 2 for loss, mask in micro)
+    close(bnpo, (6 / 3 + 10 / 1) / 2)  # bnpo: each micro-batch's own mean
+
+
+def test_policy_objective_adds_the_kl_term_before_aggregating():
+    logprobs = torch.zeros(2, 2, requires_grad=True)
+    advantages = torch.tensor([[1.0, 1.0], [-2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    ref_kl = torch.tensor([[0.5, 0.1], [0.3, 9.0]])
+    loss, metrics = objectives.policy_objective(logprobs, torch.zeros(2, 2), advantages, mask, clip_low=0.2,
+                                                clip_high=0.2, aggregation="sequence", ref_kl=ref_kl, kl_coef=0.1)
+    # ρ = 1 everywhere: per-token −A + 0.1·KL; sequence means: row 0 (−1+0.05 −1+0.01)/2, row 1 (2 + 0.03)
+    close(loss, ((-0.95 - 0.99) / 2 + 2.03) / 2)
+    close(metrics["pg_loss"], (-1.0 + 2.0) / 2)
+    close(metrics["ratio"], 1.0)
+    close(metrics["clipfrac"], 0.0)
+
+
+def test_mask_truncated_and_informative_groups():
+    mask = torch.ones(3, 2)
+    close(objectives.mask_truncated(mask, torch.tensor([True, False, True])), [[1, 1], [0, 0], [1, 1]])
+    scores = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.5, 2.0, 2.0, 2.0])
+    assert objectives.informative_groups(scores, 3).tolist() == [False, True, False]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reward sources (rlhfkit.rl.rewards)
+# ---------------------------------------------------------------------------------------------------------------
+def test_overlong_penalty_by_hand_and_against_trl():
+    lengths = torch.tensor([10, 80, 90, 100])
+    # L_max 100, buffer 20: no penalty up to 80, then −(len − 80)/20 · factor
+    close(rewards.overlong_penalty(lengths, 100, 20), [0.0, 0.0, -0.5, -1.0])
+    close(rewards.overlong_penalty(lengths, 100, 20, factor=0.5), [0.0, 0.0, -0.25, -0.5])
+    trl_rewards = pytest.importorskip("trl.rewards")
+    trl_penalty = trl_rewards.get_soft_overlong_punishment(max_completion_len=100, soft_punish_cache=20)
+    close(rewards.overlong_penalty(lengths, 100, 20), trl_penalty([[1] * int(n) for n in lengths]))
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("The sum is \\boxed{42}. Maybe 7.", "42"),
+    ("5 + 7 = 12\nAnswer: 12", "12"),
+    ("I think the answer is 1,250 apples, not 3", "1,250"),
+    ("Answer: Paris.", "Paris"),
+    ("61 + 58 = 119.", "119"),
+    ("no digits here", None),
+])
+def test_extract_final_answer_rule(response, expected):
+    assert rewards.extract_final_answer(response) == expected
+
+
+def test_answers_compare_numbers_as_numbers():
+    assert rewards.answers_match("85.0", "85") and rewards.answers_match("+85", 85)
+    assert rewards.answers_match("1,000", "1000") and rewards.answers_match("3/4", "0.75")
+    assert rewards.answers_match("$12.", "12")
+    assert not rewards.answers_match("85.1", "85") and not rewards.answers_match(None, "85")
+    assert rewards.answers_match(" paris ", "Paris") and not rewards.answers_match("Lyon", "Paris")
+
+
+def _inputs(responses, rows=None):
+    rows = rows or [{"id": f"p{i}", "answer": "12"} for i in range(len(responses))]
+    return rewards.RewardInputs(prompts=[[{"role": "user", "content": "q"}]] * len(responses), responses=responses,
+                                rows=rows, lengths=[5] * len(responses), truncated=[False] * len(responses))
+
+
+def test_builtin_rewards_and_weighted_sum():
+    class Options:
+        reward_model_path, reward_fn, reward_weights = None, ["exact_answer", "format"], [1.0, 0.5]
+        format_regex = rewards.DEFAULT_FORMAT_REGEX
+
+    sources = rewards.build_reward_sources(Options())
+    inputs = _inputs(["5 + 7 = 12\nAnswer: 12", "Answer: 13", "it is 12"])
+    components = rewards.score_components(sources, inputs)
+    close(components["exact_answer"], [1.0, 0.0, 1.0])
+    close(components["format"], [1.0, 1.0, 0.0])
+    close(rewards.combine(sources, components, normalize_by_stats=True), [1.5, 0.5, 1.0])
+    Options.reward_weights = [1.0]
+    from rlhfkit.errors import UserError
+
+    with pytest.raises(UserError, match="1 weights for 2 reward sources"):
+        rewards.build_reward_sources(Options())
+
+
+def test_exact_answer_refuses_rows_without_an_answer():
+    from rlhfkit.errors import UserError
+
+    with pytest.raises(UserError, match=r"data.jsonl: row 2 \(id 'b'\): field 'answer'"):
+        rewards.ExactAnswerReward().check_rows([{"id": "a", "answer": "1"}, {"id": "b"}], "data.jsonl")
+
+
+@pytest.mark.parametrize("output, message", [
+    ([1.0, float("nan")], r"--reward_fn bad: row 1 of the batch \(prompt id 'p1'\): score is nan"),
+    ([1.0, "high"], r"row 1 of the batch \(prompt id 'p1'\): score 'high' is not a number"),
+    ([1.0, None], r"row 1 .*score None is not a number"),
+    ([1.0], r"--reward_fn bad: returned 1 scores for 2 responses"),
+    (0.5, r"--reward_fn bad: must return a list of numbers"),
+])
+def test_bad_reward_output_is_one_line_naming_the_function_and_row(output, message):
+    from rlhfkit.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        rewards.checked_component(output, _inputs(["a", "b"]), "--reward_fn bad")
+
+
+def test_kl_term_weighted_by_the_importance_ratio_as_trl_does():
+    logprobs = torch.log(torch.tensor([[2.0, 0.5]]))
+    ref_kl = torch.tensor([[0.3, 0.1]])
+    common = dict(clip_low=10.0, clip_high=10.0, ref_kl=ref_kl, kl_coef=1.0)  # no clip: −A·ρ + KL terms
+    plain, _ = objectives.policy_objective(logprobs, torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), **common)
+    weighted, _ = objectives.policy_objective(logprobs, torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2),
+                                              kl_importance_weighted=True, **common)
+    close(plain, (0.3 + 0.1) / 2)
+    close(weighted, (2.0 * 0.3 + 0.5 * 0.1) / 2)  # KL_t · ρ_t

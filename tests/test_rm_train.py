@@ -51,8 +51,8 @@ def score_with_plain_transformers(model_dir: Path, rows: list[dict]) -> list[flo
     return scores
 
 
-def eval_scores(record_dir: Path) -> list[float]:
-    lines = [json.loads(line) for line in (record_dir / "scores.jsonl").read_text().splitlines()]
+def eval_scores(output_dir: Path) -> list[float]:
+    lines = [json.loads(line) for line in (output_dir / "scores.jsonl").read_text().splitlines()]
     return [value for line in lines for value in (line["chosen_score"], line["rejected_score"])]
 
 
@@ -69,8 +69,8 @@ def test_rm_ranks_heldout_pairs_and_reloads_with_plain_transformers(tmp_path, se
     assert run_info["complete"] and run_info["stage"] == "rm" and run_info["model"]["builtin"] == "tiny-random-llama"
     assert not (out / "adapter_model.safetensors").exists()  # LoRA merged into a plain checkpoint
 
-    results = run_eval(["--reward_name_or_path", str(out), "--dataset_path", str(heldout),
-                        "--record_dir", str(tmp_path / "eval"), "--calibration", "false"])
+    results = run_eval(["--reward_model_path", str(out), "--dataset_path", str(heldout),
+                        "--output_dir", str(tmp_path / "eval"), "--calibration", "false"])
     assert results["accuracy"] >= 0.9, results["accuracy"]
 
     heldout_rows = [json.loads(line) for line in heldout.read_text().splitlines()]
@@ -129,8 +129,8 @@ def test_eval_benchmark_matches_hand_computation(tmp_path, monkeypatch, tiny_lla
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(rm_dir)
-    results = run_eval(["--reward_name_or_path", str(rm_dir), "--dataset_path", str(path),
-                        "--record_dir", str(tmp_path / "eval"), "--calibration", "false"])
+    results = run_eval(["--reward_model_path", str(rm_dir), "--dataset_path", str(path),
+                        "--output_dir", str(tmp_path / "eval"), "--calibration", "false"])
     chat = 100 * ((2 / 3) * 100 + 0 * 28) / 128
     reasoning = 100 * (1 * 164 + 0 * 984) / (164 + 984)
     summary = results["rewardbench"]
@@ -156,12 +156,12 @@ def test_eval_two_processes_equal_one(tmp_path, sentiment_data, tiny_llama_dir):
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=1).save_pretrained(rm_dir)
     AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(rm_dir)
-    common = ["eval_benchmark.py", "--reward_name_or_path", str(rm_dir), "--dataset_path", str(heldout),
+    common = ["eval_benchmark.py", "--reward_model_path", str(rm_dir), "--dataset_path", str(heldout),
               "--batch_size", "3", "--calibration", "false"]
-    one = _launch([sys.executable, *common, "--record_dir", str(tmp_path / "one")])
+    one = _launch([sys.executable, *common, "--output_dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
     two = _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
-                   "--num_processes", "2", *common, "--record_dir", str(tmp_path / "two")])
+                   "--num_processes", "2", *common, "--output_dir", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-2000:]
     assert json.loads((tmp_path / "two" / "results.json").read_text())["processes"] == 2  # really two ranks (gloo)
     assert eval_scores(tmp_path / "one") == pytest.approx(eval_scores(tmp_path / "two"), abs=1e-5)
@@ -184,15 +184,16 @@ def test_killed_run_leaves_nothing_a_stage_accepts_and_resumes(tmp_path, sentime
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists()
-    refused = _launch([sys.executable, "eval_benchmark.py", "--reward_name_or_path", str(out), "--dataset_path",
-                       str(heldout), "--record_dir", str(tmp_path / "eval")])
+    refused = _launch([sys.executable, "eval_benchmark.py", "--reward_model_path", str(out), "--dataset_path",
+                       str(heldout), "--output_dir", str(tmp_path / "eval")])
     assert refused.returncode == 2 and "interrupted run" in refused.stderr and "Traceback" not in refused.stderr
-    refused_partial = _launch([sys.executable, "eval_benchmark.py", "--reward_name_or_path", f"{out}.partial",
-                               "--dataset_path", str(heldout), "--record_dir", str(tmp_path / "eval")])
+    refused_partial = _launch([sys.executable, "eval_benchmark.py", "--reward_model_path", f"{out}.partial",
+                               "--dataset_path", str(heldout), "--output_dir", str(tmp_path / "eval")])
     assert refused_partial.returncode == 2 and "incomplete" in refused_partial.stderr
 
     last = max(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*/trainer_state.json"))
-    resumed = _launch([*base, "--max_steps", str(last + 2), "--resume_from_checkpoint", "true"])
+    resumed = _launch([*base, "--max_steps", str(last + 2), "--resume_from_checkpoint", "true",
+                       "--allow_changed_args", "max_steps"])  # shorter than the run it continues: on purpose
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (out / "run_info.json").exists()
     state = json.loads((out / "checkpoints" / f"checkpoint-{last + 2}" / "trainer_state.json").read_text())

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+from rlhfkit.errors import UserError
 from rlhfkit.sampling import (
     build_prompt_batch,
     derive_seed,
@@ -112,16 +115,96 @@ def test_generate_batch_seeded_and_batch_independent(policy):
             assert sample["text"] == tokenizer.decode(sample["token_ids"], skip_special_tokens=True)
 
 
+def _generate_greedy(model, tokenizer, prompt, max_new_tokens):
+    """`model.generate`'s greedy continuation of one prompt (no padding), cut after EOS."""
+    ids = torch.tensor([render_generation_prompt(tokenizer, prompt)])
+    reference = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)
+    return truncate_at_stop(reference[0, ids.shape[1]:].tolist(), [tokenizer.eos_token_id])[0]
+
+
 def test_greedy_matches_hf_generate(policy):
+    """Our loop (left-padded batch of prompts of different lengths, KV cache, K=2 rows per prompt) gives exactly
+    `model.generate`'s greedy tokens, on whatever transformers version is installed."""
     model, tokenizer = policy
-    ours = generate_batch(model, tokenizer, PROMPTS[:2], n=1, max_new_tokens=8, temperature=0.0, top_p=1.0, seed=None)
-    for prompt, samples in zip(PROMPTS[:2], ours):
-        ids = torch.tensor([render_generation_prompt(tokenizer, prompt)])
-        reference = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                   max_new_tokens=8, eos_token_id=tokenizer.eos_token_id,
-                                   pad_token_id=tokenizer.pad_token_id)
-        expected, _ = truncate_at_stop(reference[0, ids.shape[1]:].tolist(), [tokenizer.eos_token_id])
-        assert samples[0]["token_ids"] == expected
+    ours = generate_batch(model, tokenizer, PROMPTS, n=2, max_new_tokens=12, temperature=0.0, top_p=1.0, seed=None)
+    for prompt, samples in zip(PROMPTS, ours):
+        expected = _generate_greedy(model, tokenizer, prompt, 12)
+        assert len(expected) == 12 and len(set(expected)) > 2  # a real continuation, not a stuck token
+        assert [s["token_ids"] for s in samples] == [expected, expected]
+
+
+def test_greedy_matches_hf_generate_through_peft(policy):
+    """PPO's policy can be a PEFT model, whose forward declares no cache keyword: the one its base model declares is
+    used (a zero-initialised LoRA leaves the outputs unchanged)."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlhfkit.sampling import cache_keywords
+
+    model, tokenizer = policy
+    wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    assert cache_keywords(wrapped)[0] == cache_keywords(model)[0]
+    ours = generate_batch(wrapped, tokenizer, PROMPTS[:2], n=1, max_new_tokens=8, temperature=0.0, top_p=1.0, seed=None)
+    assert [samples[0]["token_ids"] for samples in ours] == [_generate_greedy(model, tokenizer, p, 8) for p in PROMPTS[:2]]
+
+
+def test_cache_keyword_is_the_installed_transformers_one(policy):
+    """transformers 5.24 renamed the forward's `past_key_values` to `cache`; a name the forward does not declare is
+    silently swallowed by its **kwargs, so the declared one must come first."""
+    import inspect
+
+    from rlhfkit.sampling import cache_keywords
+
+    model, _ = policy
+    declared = [k for k in ("cache", "past_key_values") if k in inspect.signature(type(model).forward).parameters]
+    assert cache_keywords(model)[0] == declared[0]
+
+
+def test_forward_ignoring_the_cache_fails_loudly(policy):
+    """A forward that drops the cache (as 5.19's did with `cache=`) must stop decoding, not produce garbage."""
+    model, tokenizer = policy
+
+    class DropsCache(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0,
+                    **kwargs):  # the cache keyword lands here and is dropped
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+    with pytest.raises(UserError, match="ignored the KV cache"):
+        generate_batch(DropsCache(model), tokenizer, PROMPTS[:1], n=1, max_new_tokens=4, temperature=0.0, top_p=1.0,
+                       seed=None)
+
+
+def test_sampled_logprobs_equal_a_full_forward(policy):
+    """Sampling with the cache (rows dropped at EOS, left padding, K rows sharing one prefill) gives, per token, the
+    log-prob a full forward over prompt + response gives: the cache holds what a fresh pass would compute."""
+    model, tokenizer = policy
+    eos = tokenizer.eos_token_id
+
+    def favour_eos(module, inputs, output):
+        output = output.clone()
+        output[..., eos] += 3.0
+        return output
+
+    handle = model.lm_head.register_forward_hook(favour_eos)
+    try:
+        result = generate_batch(model, tokenizer, PROMPTS, n=3, max_new_tokens=10, temperature=1.0, top_p=1.0, seed=4)
+        lengths = {len(s["token_ids"]) for group in result for s in group}
+        assert len(lengths) > 1  # some rows left the batch early
+        for prompt, samples in zip(PROMPTS, result):
+            prompt_ids = render_generation_prompt(tokenizer, prompt)
+            for sample in samples:
+                ids = torch.tensor([prompt_ids + sample["token_ids"]])
+                logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt_ids) - 1 : -1].float()
+                full = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(sample["token_ids"])[:, None])[:, 0]
+                assert torch.allclose(torch.tensor(sample["logprobs"]), full, atol=1e-4)
+    finally:
+        handle.remove()
 
 
 def test_generation_stops_at_eos_and_truncates(policy):

@@ -161,6 +161,7 @@ def _expected_assistant_tokens(tokenizer, messages, reply_format, ids):
     return [any(s <= a and b <= e for s, e in spans) for a, b in encoded["offset_mapping"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TEMPLATES_WITHOUT_MARKERS))
 def test_assistant_only_loss_without_generation_markers_trains_with_default_flags(tmp_path, data_dir, name,
                                                                                  monkeypatch):
@@ -225,6 +226,7 @@ def test_text_template_puts_loss_on_the_answer_and_plain_text_on_everything(tmp_
 # ---------------------------------------------------------------------------------------------------------------
 # training end to end
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sft_lowers_heldout_loss_and_writes_the_stage_contract(tmp_path, data_dir):
     out = tmp_path / "sft"
     sft_train.main(*_args(
@@ -251,6 +253,7 @@ def test_sft_lowers_heldout_loss_and_writes_the_stage_contract(tmp_path, data_di
     assert rerun[2].output_dir == str(out)
 
 
+@pytest.mark.slow
 def test_lora_merged_output_is_a_plain_model_with_base_plus_adapter_logits(tmp_path, data_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -288,6 +291,7 @@ def test_lora_merged_output_is_a_plain_model_with_base_plus_adapter_logits(tmp_p
     assert "adapter_model.safetensors" in files and "model.safetensors" not in files
 
 
+@pytest.mark.slow
 def test_chat_template_for_a_tokenizer_without_one(tmp_path, data_dir):
     import shutil
 
@@ -310,12 +314,13 @@ def test_chat_template_for_a_tokenizer_without_one(tmp_path, data_dir):
         assert saved.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith(rendered_start)
 
 
-def test_packing_with_activation_checkpointing_trains(tmp_path, data_dir):
+@pytest.mark.slow
+def test_packing_with_gradient_checkpointing_trains(tmp_path, data_dir):
     out = tmp_path / "packed"
     sft_train.main(*_args(
         "--dataset_path", str(data_dir / "train.jsonl"), "--output_dir", str(out), "--max_steps", "3",
         "--packing", "true", "--max_length", "128", "--per_device_train_batch_size", "2",
-        "--activation_checkpointing", "true", *COMMON,
+        "--gradient_checkpointing", "true", *COMMON,
     ))
     assert json.loads((out / "metrics.json").read_text())["train_loss"] > 0
 

@@ -260,6 +260,7 @@ def _run(argv):
     return eval_winrate.main(*parse_args(eval_winrate.ARGUMENTS, argv))
 
 
+@pytest.mark.slow  # runs the stage's main to the end
 def test_stage_with_api_judge(tmp_path, server, monkeypatch, capsys):
     gen_a, gen_b = _generations(tmp_path)
     monkeypatch.setenv("JUDGE_KEY", SECRET)
@@ -287,6 +288,7 @@ def test_stage_with_api_judge(tmp_path, server, monkeypatch, capsys):
     assert not (tmp_path / "winrate.partial").exists()
 
 
+@pytest.mark.slow  # runs the stage's main to the end
 def test_stage_with_reward_model_judge(tmp_path):
     from rlhfkit.models import ensure_pad_token, load_reward_model, load_tokenizer, resolve_model
     from rlhfkit.scoring import score_conversations
@@ -302,7 +304,7 @@ def test_stage_with_reward_model_judge(tmp_path):
     gen_a, gen_b = _generations(tmp_path)
     out = tmp_path / "winrate-rm"
     summary = _run(["--responses_a", str(gen_a), "--responses_b", str(gen_b), "--output_dir", str(out),
-                    "--reward_name_or_path", str(rm_dir), "--match_by", "prompt", "--name_a", "more",
+                    "--reward_model_path", str(rm_dir), "--match_by", "prompt", "--name_a", "more",
                     "--name_b", "multitask"])
     judgments = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
     expected_a = score_conversations(model.eval(), tokenizer,
@@ -319,7 +321,7 @@ def test_stage_with_reward_model_judge(tmp_path):
 
     # the same file against itself: every pair is a tie, win rate exactly ½
     same = _run(["--responses_a", str(gen_a), "--responses_b", str(gen_a), "--output_dir", str(tmp_path / "same"),
-                 "--reward_name_or_path", str(rm_dir)])
+                 "--reward_model_path", str(rm_dir)])
     assert same["ties"] == 5 and same["win_rate"] == 0.5
 
 

@@ -82,3 +82,40 @@ def completion_flags(row: dict) -> Counter:
     if len(set(row["completions"])) < len(row["completions"]):
         flags["rows_with_identical_completions"] += 1
     return flags
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the part of `summarize` (rlhfkit/eval/benchmarks.py) every group benchmark shares
+# ---------------------------------------------------------------------------------------------------------------
+def attach_scores(rows: list[dict], scores: Sequence[float]) -> list[int]:
+    """Each row's `scores` (its completions' slice of the flat list); returns each row's offset into that list."""
+    offsets, cursor = [], 0
+    for row in rows:
+        offsets.append(cursor)
+        row["scores"] = list(scores[cursor : cursor + len(row["completions"])])
+        cursor += len(row["completions"])
+    return offsets
+
+
+def group_summary(rows: list[dict], offsets: list[int], truncated: Sequence[bool], totals: dict, results: dict,
+                  table: str, metrics: dict, lines: list[dict], pairs_of: Callable[[dict], list[tuple[int, int]]],
+                  source_of: Callable[[dict], str]) -> dict:
+    """`summarize`'s result for a group benchmark: the benchmark's own results, table, metrics and per-row lines,
+    plus the counts every group benchmark reports, each line's truncation and the (better, worse) pairs the
+    diagnostics compare (flat sequence indices)."""
+    completions = sum(len(row["completions"]) for row in rows)
+    results = {"rows": len(rows), "completions": completions, **results,
+               "empty_completions": totals.get("empty_completions", 0),
+               "rows_with_identical_completions": totals.get("rows_with_identical_completions", 0)}
+    table += (f"\n\n{'Rows scored':<28}{len(rows):>16}   ({completions} completions; "
+              f"{results['empty_completions']} empty, {results['rows_with_identical_completions']} rows with "
+              "identical completions; all scored)")
+    for row, line, offset in zip(rows, lines, offsets):
+        line["truncated"] = [truncated[offset + j] for j in range(len(row["completions"]))]
+    pairs = [(offset + i, offset + j, source_of(row)) for row, offset in zip(rows, offsets) for i, j in pairs_of(row)]
+    return {"results": results, "table": table, "metrics": metrics, "lines": lines, "pairs": pairs}
+
+
+def default_source(row: dict) -> str:
+    """The group a row's pairs are calibrated under, unless the benchmark names a coarser one."""
+    return row.get("domain") or row.get("subset") or "all"

@@ -235,3 +235,50 @@ def format_table(per_subset: dict[str, dict], result: dict) -> str:
         lines.append(f"{'  over present subsets':<28}{result['score_present_subsets'] or 0.0:>16.2f}"
                      f"   (missing: {', '.join(result['missing_subsets'])})")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval_benchmark.py's interface (rlhfkit/eval/benchmarks.py)
+# ---------------------------------------------------------------------------------------------------------------
+NAME = "v2"
+TITLE = "RewardBench 2"
+HEADLINE = "6-subset mean"
+GROUP = True
+MAX_LENGTH = 2048  # scripts/run_v2.py --max_length
+TRUNCATION_SIDE = None  # run_v2.py does not set it: the tokenizer's own side
+TRUNCATION_RULE = "scripts/run_v2.py: tokenizer truncation, the tokenizer's own side"
+DPO_MODE = False  # run_v2.py scores reward models only
+
+
+def detect(records: list) -> bool:
+    sample = records[:100]
+    return bool(sample) and all(is_v2_record(r) for r in sample)
+
+
+def load(paths: Sequence[str], split: str = "train", skip_invalid: bool = False):
+    from rlhfkit.eval.rewardbench import load_rewardbench_rows
+
+    return load_rewardbench_rows(paths, split, skip_invalid, convert=v2_row, flags=row_flags)
+
+
+def diagnostic_pairs(row: dict) -> list[tuple[int, int]]:
+    """(better, worse): the first completion (every correct one in Ties) against each incorrect one."""
+    good = range(row["num_correct"] if is_ties(row["subset"]) else 1)
+    return [(i, j) for i in good for j in range(row["num_chosen"], len(row["completions"]))]
+
+
+def summarize(rows: list[dict], scores: Sequence[float], truncated: Sequence[bool], totals: dict) -> dict:
+    from rlhfkit.eval.loading import attach_scores, default_source, group_summary
+
+    offsets = attach_scores(rows, scores)
+    per_subset, per_row = score_rows(rows)
+    result = summary(per_subset)
+    lines = [{"id": row["id"], "subset": row["subset"], "num_correct": row["num_correct"], "scores": row["scores"],
+              "result": outcome} for row, outcome in zip(rows, per_row)]
+    metrics = {"score": result["score"], "rows": len(rows), **result["subsets"]}
+    return group_summary(rows, offsets, truncated, totals, {"per_subset": per_subset, "rewardbench2": result},
+                         format_table(per_subset, result), metrics, lines, diagnostic_pairs, default_source)
+
+
+def headline_of(results: dict) -> float:
+    return results["rewardbench2"]["score"]

@@ -312,23 +312,32 @@ def compute_advantages(
     whiten_rewards: bool = False,
     whiten_advantages: bool = True,
     grpo_scale_by_std: bool = True,
+    step_rewards: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Advantages [B, T] and value targets [B, T] (None without a critic) for one estimator.
 
     scores [B] (shaped sequence scores), kl [B, T] (per-token KL, already masked), mask [B, T], values [B, T]
-    (the critic's, GAE only). An unknown estimator raises; there is no default branch.
+    (the critic's, GAE only). step_rewards [B, T] (a process reward model's per-step rewards at step ends,
+    rlhfkit/rl/model_rewards.py): added to the per-token rewards of GAE and REINFORCE++; refused by the
+    sequence-level estimators, which take the aggregate in `scores`. An unknown estimator raises.
     """
     estimator = AdvantageEstimator.parse(estimator)
     returns = None
+    if step_rewards is not None and estimator not in (AdvantageEstimator.GAE, AdvantageEstimator.REINFORCE_PP):
+        raise ValueError(f"per-step rewards need a per-token estimator (gae, reinforce_pp), not '{estimator}'")
     if estimator is AdvantageEstimator.GAE:
         if values is None:
             raise ValueError("GAE needs the value model's values")
         rewards, _ = token_rewards(scores, kl, mask, kl_coef)
+        if step_rewards is not None:
+            rewards = rewards + step_rewards * mask
         if whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae_advantages(rewards, values, mask, gamma, lam)
     elif estimator is AdvantageEstimator.REINFORCE_PP:
         rewards, _ = token_rewards(scores, kl, mask, kl_coef)
+        if step_rewards is not None:
+            rewards = rewards + step_rewards * mask
         advantages = reinforce_pp_advantages(rewards, mask, gamma)
     elif estimator is AdvantageEstimator.RLOO:
         advantages = broadcast_to_tokens(rloo_advantages(sequence_rewards(scores, kl, mask, kl_coef), group_size), mask)
@@ -348,24 +357,16 @@ def compute_advantages(
 def policy_loss(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate, averaged over all counted tokens of the minibatch.
+    """PPO's clipped surrogate averaged over all counted tokens: `rlhfkit.rl.objectives.policy_objective` with a
+    symmetric clip, token ratios and token aggregation over this batch (the family's other objectives live there).
 
     logprobs (current policy, with grad), old_logprobs (at rollout time), advantages, mask: [B, T].
     loss = mean_t max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = exp(log π − log π_old).
-    Metrics: clipfrac (share of tokens where the clipped term is active), approx_kl (k2 of π_old vs π, the
-    "how far did this update move" signal), ratio (mean ρ).
     """
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
-    with torch.no_grad():
-        metrics = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
-            "ratio": masked_mean(ratio, mask),
-        }
+    from rlhfkit.rl.objectives import policy_objective  # objectives builds on this module's masked statistics
+
+    loss, metrics = policy_objective(logprobs, old_logprobs, advantages, mask, clip_low=clip_range,
+                                     clip_high=clip_range)
     return loss, metrics
 
 

@@ -20,20 +20,18 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import TrainingArguments
 
 from rlhfkit.rl import estimators as rl
-from rlhfkit.checkpoints import StageOutput, check_parent, merge_lora_state_dict, write_json_atomic
+from rlhfkit.checkpoints import StageOutput, merge_lora_state_dict, write_json_atomic
 from rlhfkit.errors import UserError
+from rlhfkit.faults import seal_checkpoint
 from rlhfkit.rl.estimators import AdvantageEstimator, RunningMoments  # noqa: F401  (the loop reaches them as ppo.*)
-from rlhfkit.scoring import RewardModelScorer
-
-if TYPE_CHECKING:  # for annotations only
-    from rlhfkit.args import ModelArguments
+from rlhfkit.rl import objectives, rewards
+from rlhfkit.rl.rewards import FunctionReward, ModelReward  # noqa: F401  (reward sources: rlhfkit/rl/rewards.py)
 
 logger = logging.getLogger("rlhfkit.rl.ppo")
 
@@ -83,7 +81,32 @@ class PPOConfig(TrainingArguments):
     generation_batch_size: int | None = field(
         default=None, metadata={"help": "Prompts per generate call (default: the whole rollout batch)."}
     )
-    use_vllm: bool = field(default=False, metadata={"help": "Not implemented in this loop; refused."})
+    use_vllm: bool = field(
+        default=False,
+        metadata={"help": "Roll out on a colocated vLLM engine (rlhfkit/rl/vllm_rollout.py): the policy (LoRA merged) "
+                  "is pushed into it after every step and the push checked on a probe sequence."},
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "--use_vllm on a GPU: share of its memory the engine may take (it sleeps "
+                               "during the update)."}
+    )
+    vllm_kv_cache_gib: float | None = field(
+        default=None, metadata={"help": "--use_vllm: the engine's KV cache in GiB (CPU default: 1, or "
+                                "VLLM_CPU_KVCACHE_SPACE)."}
+    )
+    vllm_sync_tolerance: float | None = field(
+        default=None,
+        metadata={"help": "--use_vllm: largest |log-prob| gap on the probe sequence between engine and policy after a "
+                  "push (default by dtype: float32 1e-3, bfloat16 1.0, float16 0.5); above it the run stops."},
+    )
+    vllm_importance_sampling_correction: bool = field(
+        default=False,
+        metadata={"help": "--use_vllm: weight each token's policy loss by the truncated importance ratio "
+                  "min(π_trainer/π_vllm, cap) (TRL's token_truncate mode)."},
+    )
+    vllm_importance_sampling_cap: float = field(
+        default=3.0, metadata={"help": "Cap of the truncated importance ratio (TRL's clip_max, default 3)."}
+    )
 
     advantage_estimator: str = field(default="gae", metadata={"help": "gae | rloo | grpo | reinforce_pp."})
     gamma: float = field(default=1.0, metadata={"help": "Discount (GAE, REINFORCE++)."})
@@ -101,9 +124,68 @@ class PPOConfig(TrainingArguments):
     )
     kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon, in sequences."})
     kl_loss_coef: float = field(default=0.0, metadata={"help": "KL (k3) to the reference as a loss term (GRPO style)."})
+    kl_loss_importance_weighted: bool = field(
+        default=False,
+        metadata={"help": "Multiply the KL loss term by the importance ratio (TRL 1.16 use_bias_correction_kl, its "
+                  "default; DeepSeek-V3.2, arXiv 2512.02556). Off: β·k3 as verl's kl_loss adds it."},
+    )
 
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
     cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip ε."})
+    cliprange_low: float | None = field(
+        default=None, metadata={"help": "Lower clip: the ratio is clipped at 1 − this (default --cliprange)."}
+    )
+    cliprange_high: float | None = field(
+        default=None,
+        metadata={"help": "Upper clip: the ratio is clipped at 1 + this (default --cliprange); DAPO's clip-higher "
+                  "uses 0.28 with 0.2 below (Yu et al. 2025, arXiv 2503.14476; TRL epsilon_high, verl "
+                  "clip_ratio_high)."},
+    )
+    policy_loss: str = field(
+        default="ppo",
+        metadata={"help": "ppo (clipped surrogate) | cispo (MiniMax-M1, arXiv 2506.13585: −sg(clip(w))·A·log π, the "
+                  "gradient of every token kept; TRL's cap-only clip is --cliprange_low 1 --cliprange_high cap−1)."},
+    )
+    loss_aggregation: str = field(
+        default="token",
+        metadata={"help": "How per-token losses become one number (rlhfkit/rl/objectives.py): token = Σ over the "
+                  "optimizer minibatch's tokens ÷ their count (DAPO; TRL loss_type dapo, its default) | sequence "
+                  "= mean over sequences of each one's token mean (GRPO paper; TRL grpo) | dr_grpo = Σ ÷ (B × "
+                  "--max_new_tokens) (Dr. GRPO, arXiv 2503.20783; TRL dr_grpo) | bnpo = the micro-batch's token "
+                  "mean (TRL bnpo)."},
+    )
+    importance_sampling_level: str = field(
+        default="token",
+        metadata={"help": "token: a ratio per token | sequence: one ratio per response, exp(mean_t log ρ_t) (GSPO, "
+                  "Zheng et al. 2025, arXiv 2507.18071; TRL importance_sampling_level)."},
+    )
+    mask_truncated_completions: bool = field(
+        default=False,
+        metadata={"help": "Responses cut at --max_new_tokens (no stop token) leave the policy loss (DAPO overlong "
+                  "filtering; TRL mask_truncated_completions). They still count in their group's reward statistics."},
+    )
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={"help": "DAPO dynamic sampling (arXiv 2503.14476 §3.2, verl recipe/dapo): drop prompts whose K "
+                  "samples all score the same (zero advantage, no gradient) and sample further prompts until "
+                  "--rollout_batch_size prompts with a signal are in hand, at most --dynamic_sampling_max_batches "
+                  "generation batches a step; short of that, dropped groups fill the batch (logged)."},
+    )
+    dynamic_sampling_max_batches: int = field(
+        default=4, metadata={"help": "Cap on generation batches per step under --dynamic_sampling (the first "
+                             "included; verl max_num_gen_batches)."}
+    )
+    overlong_penalty: bool = field(
+        default=False,
+        metadata={"help": "DAPO soft overlong punishment (arXiv 2503.14476 eq. 13; verl reward_manager/dapo.py; TRL "
+                  "get_soft_overlong_punishment): a response longer than --max_new_tokens − buffer gets "
+                  "−factor × (length − (max − buffer)) / buffer added to its reward, logged as reward/overlong."},
+    )
+    overlong_buffer_length: int | None = field(
+        default=None, metadata={"help": "The penalty's buffer in tokens (default: --max_new_tokens / 5, DAPO's "
+                                "4096 of 20480)."}
+    )
+    overlong_penalty_factor: float = field(default=1.0, metadata={"help": "The penalty at --max_new_tokens (DAPO: 1)."})
     cliprange_value: float | None = field(default=0.2, metadata={"help": "Value clip; unset = unclipped MSE."})
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
     value_learning_rate: float | None = field(
@@ -123,8 +205,10 @@ class PPOConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.use_vllm:
-            raise ValueError("--use_vllm is not supported by ppo_train.py yet; drop it (HF generate is used)")
+        if self.vllm_importance_sampling_correction and not self.use_vllm:
+            raise ValueError("--vllm_importance_sampling_correction needs --use_vllm true")
+        if self.vllm_importance_sampling_cap <= 0:
+            raise ValueError("--vllm_importance_sampling_cap must be > 0")
         if self.advantage_estimator not in rl.ADVANTAGE_ESTIMATORS:
             raise ValueError(f"--advantage_estimator must be one of {', '.join(rl.ADVANTAGE_ESTIMATORS)}")
         estimator = AdvantageEstimator.parse(self.advantage_estimator)
@@ -147,74 +231,31 @@ class PPOConfig(TrainingArguments):
             )
         if self.temperature <= 0:
             raise ValueError("--temperature must be > 0 (PPO needs a stochastic policy)")
+        from rlhfkit.rl.objectives import IMPORTANCE_SAMPLING_LEVELS, LOSS_AGGREGATIONS, POLICY_LOSSES
+
+        for flag, value, choices in (("policy_loss", self.policy_loss, POLICY_LOSSES),
+                                     ("loss_aggregation", self.loss_aggregation, LOSS_AGGREGATIONS),
+                                     ("importance_sampling_level", self.importance_sampling_level,
+                                      IMPORTANCE_SAMPLING_LEVELS)):
+            if value not in choices:
+                raise ValueError(f"--{flag} must be one of {', '.join(choices)}, not '{value}'")
+        for flag in ("cliprange_low", "cliprange_high"):
+            if getattr(self, flag) is None:
+                setattr(self, flag, self.cliprange)
+            if getattr(self, flag) < 0:
+                raise ValueError(f"--{flag} must be ≥ 0")
+        if self.dynamic_sampling and estimator.min_samples_per_prompt < 2:
+            raise ValueError("--dynamic_sampling filters groups of samples: use --advantage_estimator grpo or rloo")
+        if self.dynamic_sampling_max_batches < 1:
+            raise ValueError("--dynamic_sampling_max_batches must be ≥ 1")
+        if self.overlong_buffer_length is None:
+            self.overlong_buffer_length = max(1, self.max_new_tokens // 5)
+        if self.overlong_penalty and not 0 < self.overlong_buffer_length <= self.max_new_tokens:
+            raise ValueError(f"--overlong_buffer_length must be in 1..--max_new_tokens ({self.max_new_tokens})")
 
     @property
     def estimator(self) -> AdvantageEstimator:
         return AdvantageEstimator.parse(self.advantage_estimator)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# rewards: one interface for reward models and Python functions
-# ---------------------------------------------------------------------------------------------------------------
-class FunctionReward:
-    """A labeler (`rlhfkit.labelers`: a built-in such as `vader`, or `module:function` / `file.py:function`) behind
-    the same interface as a reward model; the annotation stage scores responses with the same objects."""
-
-    def __init__(self, spec: str):
-        from rlhfkit.labelers import load_labeler
-
-        self.spec = spec
-        self.labeler = load_labeler(spec, flag="--reward_fn")
-        self.stats = None
-
-    def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        return self.labeler(prompts, responses)
-
-    def describe(self) -> dict:
-        return {"reward_fn": self.spec, **self.labeler.info}
-
-
-class ModelReward(RewardModelScorer):
-    """A reward model scoring `prompt + [assistant: response text]` rendered with its own tokenizer and template
-    (`rlhfkit.scoring.RewardModelScorer`, the one reward-model wrapper), plus the reward statistics PPO normalises by.
-
-    Re-rendering (rather than feeding the policy's token ids) is what lets the RM have another tokenizer or chat
-    template than the policy.
-    """
-
-    def __init__(self, path: str, model_args: ModelArguments, batch_size: int = 16, max_length: int | None = None):
-        from rlhfkit.models import model_init_kwargs
-
-        kwargs = model_init_kwargs(model_args)
-        kwargs.pop("quantization_config", None)  # the frozen RM is not trained; keep its scores exact
-        super().__init__(path, batch_size, max_length, progress=False, **kwargs)
-        self.info = check_parent(path, role="reward model")
-        run_info = self.info["run_info"] or {}
-        stats = run_info.get("reward_stats")
-        self.stats = None
-        if stats is not None:
-            try:
-                self.stats = {"mean": float(stats["mean"]), "std": float(stats["std"])}
-            except (KeyError, TypeError, ValueError):
-                raise UserError(
-                    f"{path}/run_info.json: field 'reward_stats': expected {{'mean': x, 'std': y}}"
-                ) from None
-
-    def describe(self) -> dict:
-        return {"reward_model": os.path.abspath(self.path), "reward_stats": self.stats}
-
-
-def checked_scores(raw, count: int, source: str) -> torch.Tensor:
-    """The reward source's output as a float tensor, refusing the wrong length or non-finite values."""
-    try:
-        scores = torch.tensor([float(x) for x in raw], dtype=torch.float32)
-    except (TypeError, ValueError):
-        raise UserError(f"{source}: must return a list of numbers, got {type(raw).__name__}") from None
-    if scores.numel() != count:
-        raise UserError(f"{source}: returned {scores.numel()} scores for {count} responses")
-    if not torch.isfinite(scores).all():
-        raise UserError(f"{source}: returned a non-finite score (NaN or inf)")
-    return scores
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,18 +396,21 @@ def build_value_model(script_args, model_args, policy_path: str, tokenizer, rewa
                       vocab_before_pad: int | None = None) -> tuple[nn.Module, object, str]:
     """The value model, the tokenizer saved beside it, and where it came from ("reward_model" or "policy").
 
-    It reads the policy's token ids, so its embeddings follow the policy's pad-token resize (`policy` and
+    `reward`: the reward model to initialise from (a `ModelReward`), or None. It reads the policy's token ids, so
+    its embeddings follow the policy's pad-token resize (`policy` and
     `vocab_before_pad`, the policy's embedding rows before `ensure_pad_token`).
     """
     from rlhfkit.models import load_reward_model, load_tokenizer, match_vocabulary, model_init_kwargs
 
     choice = script_args.value_model_init
+    if choice == "reward_model" and not isinstance(reward, ModelReward):
+        raise UserError("--value_model_init reward_model needs a scalar reward model among --reward_model_path")
     if choice in ("auto", "reward_model") and isinstance(reward, ModelReward):
         if same_vocabulary(reward.tokenizer, tokenizer):
             choice = "reward_model"
         elif choice == "reward_model":
             raise UserError(
-                f"{script_args.reward_model_path}: --value_model_init reward_model needs the reward model to share the "
+                f"{reward.path}: --value_model_init reward_model needs the reward model to share the "
                 f"policy's tokenizer (the value model reads the policy's tokens); use --value_model_init policy"
             )
         else:
@@ -376,8 +420,8 @@ def build_value_model(script_args, model_args, policy_path: str, tokenizer, rewa
         choice = "policy"
     kwargs = model_init_kwargs(model_args)
     if choice == "reward_model":
-        model = load_reward_model(script_args.reward_model_path, **kwargs)
-        value_tokenizer = load_tokenizer(script_args.reward_model_path)
+        model = load_reward_model(reward.path, **kwargs)
+        value_tokenizer = load_tokenizer(reward.path)
     else:
         model = load_reward_model(policy_path, new_head=True, **kwargs)
         value_tokenizer = tokenizer
@@ -387,7 +431,7 @@ def build_value_model(script_args, model_args, policy_path: str, tokenizer, rewa
             for parameter in value_head(model).parameters():
                 parameter.zero_()
     if policy is not None:
-        requested = script_args.reward_model_path if choice == "reward_model" else policy_path
+        requested = reward.path if choice == "reward_model" else policy_path
         match_vocabulary(model, policy, vocab_before_pad or policy.get_input_embeddings().num_embeddings, requested)
     model.config.pad_token_id = tokenizer.pad_token_id
     value_head(model)
@@ -428,15 +472,18 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def rollout(policy, tokenizer, prompt_rows: list[dict], prompt_ids: list[list[int]], prompt_seeds: list[int],
-            args: PPOConfig, stop_ids: list[int], device) -> Rollout:
-    """Sample K responses per prompt with `rlhfkit.sampling.generate_batch` and lay them out as tensors."""
+            args: PPOConfig, stop_ids: list[int], device, sampler=None) -> Rollout:
+    """Sample K responses per prompt with `rlhfkit.sampling.generate_batch` and lay them out as tensors.
+
+    sampler: instead, `sampler(prompt_ids, prompt_seeds, K)` returning the samples flattened prompt-major in
+    generate_batch's dicts (the vLLM engine, `rlhfkit.rl.vllm_rollout.VLLMRollout.generate`); `policy` is unused."""
     from rlhfkit.sampling import build_prompt_batch, generate_batch, pad_token_id
 
     k = args.num_samples_per_prompt
     chunk = args.generation_batch_size or len(prompt_rows)
     suppressed = suppressed_token_ids(tokenizer, args.suppress_tokens)
-    samples: list[dict] = []
-    for start in range(0, len(prompt_rows), chunk):
+    samples: list[dict] = [] if sampler is None else list(sampler(prompt_ids, prompt_seeds, k))
+    for start in range(0, len(prompt_rows) if sampler is None else 0, chunk):
         rows = prompt_rows[start : start + chunk]
         generated = generate_batch(  # raw logits / T: never the checkpoint's generation_config processors
             policy, tokenizer, [row["prompt"] for row in rows], n=k, max_new_tokens=args.max_new_tokens,
@@ -518,12 +565,13 @@ def reference_logprobs(ref_model, policy_unwrapped, batch: Rollout, micro_batch:
 # ---------------------------------------------------------------------------------------------------------------
 # advantages
 # ---------------------------------------------------------------------------------------------------------------
-def compute_advantages(args: PPOConfig, scores, kl, mask, values, kl_coef: float):
+def compute_advantages(args: PPOConfig, scores, kl, mask, values, kl_coef: float, step_rewards=None):
     """Advantages [B, T] and value targets [B, T] (None without a critic) for the configured estimator."""
     return rl.compute_advantages(
         args.advantage_estimator, scores, kl, mask, values, kl_coef, gamma=args.gamma, lam=args.lam,
         group_size=args.num_samples_per_prompt, whiten_rewards=args.whiten_rewards,
         whiten_advantages=args.whiten_advantages, grpo_scale_by_std=args.grpo_scale_by_std,
+        step_rewards=step_rewards,
     )
 
 
@@ -542,18 +590,261 @@ def token_kl(args: PPOConfig, logprobs, ref_logprobs, mask):
 # ---------------------------------------------------------------------------------------------------------------
 # scores and per-step metrics
 # ---------------------------------------------------------------------------------------------------------------
-def score(reward, batch: Rollout, args: PPOConfig, norm_mode: str, moments: rl.RunningMoments, accelerator,
-          source: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw scores [B] from the reward source, and the scores the RL objective uses (normalised, penalised, clipped)."""
-    raw = checked_scores(reward(batch.prompts, batch.texts), len(batch.texts), source).to(accelerator.device)
+def build_reward_sources(script_args, model_args) -> list[rewards.WeightedReward]:
+    """The stage's weighted reward sources (`rlhfkit.rl.rewards.build_reward_sources`), with the prompt-set
+    independent checks done; logged once."""
+    sources = rewards.build_reward_sources(script_args, model_args)
+    logger.info("reward = %s", " + ".join(f"{item.weight:g} × {item.key}" for item in sources))
+    return sources
+
+
+def normalization_mode(requested: str, sources: list[rewards.WeightedReward]) -> str:
+    """--reward_normalization resolved: auto → rm_stats when a source has reward statistics (a reward model from
+    rm_train.py), else none. rm_stats standardises each such source by its own statistics."""
+    with_stats = [item for item in sources if item.source.stats is not None]
+    if requested == "auto":
+        return "rm_stats" if with_stats else "none"
+    if requested == "rm_stats" and not with_stats:
+        raise UserError("--reward_normalization rm_stats: no reward model's run_info.json has 'reward_stats'")
+    return requested
+
+
+def place_reward_models(sources: list[rewards.WeightedReward], accelerator) -> None:
+    """Frozen reward models onto the device (sharded under ZeRO-3 where the class allows it)."""
+    from rlhfkit.rl.model_rewards import PreferenceReward, ProcessReward
+
+    for item in sources:
+        if isinstance(item.source, ModelReward):
+            item.source.model = prepare_frozen(item.source.model, accelerator)
+        elif isinstance(item.source, (PreferenceReward, ProcessReward)):  # rlhfkit/rl/model_rewards.py
+            item.source.scorer.model.to(accelerator.device)
+
+
+@dataclass
+class Scored:
+    """One rollout's rewards: what was measured and what the objective uses (all [B], prompt-major)."""
+
+    raw: torch.Tensor  # Σ_i w_i · raw score of source i (reward/raw)
+    scores: torch.Tensor  # what the advantages see: sources normalised and combined, penalised, clipped
+    components: dict[str, torch.Tensor]  # key → raw scores of that source (reward/<key>)
+    overlong: torch.Tensor | None  # the DAPO overlong penalty added to `scores` (≤ 0), or None when off
+
+
+def reward_inputs(batch: Rollout, rows: list[dict]) -> rewards.RewardInputs:
+    return rewards.RewardInputs(prompts=batch.prompts, responses=batch.texts, rows=rows,
+                                lengths=batch.mask.sum(dim=1).long().tolist(), truncated=(~batch.has_stop).tolist())
+
+
+def score(sources: list[rewards.WeightedReward], batch: Rollout, rows: list[dict], args: PPOConfig, norm_mode: str,
+          moments: rl.RunningMoments, accelerator) -> Scored:
+    """Score a rollout with every reward source and shape the result for the objective.
+
+    Order: each source's raw scores (checked) → a reward model with `reward_stats` standardised by them
+    (norm_mode rm_stats) → Σ w_i · s_i → running standardisation (norm_mode running) → + the overlong penalty →
+    − the missing-EOS penalty → clip. The penalties and the clip are in normalised units.
+    rows: [B] the prompt row of each sample (its `answer` and other columns, for verifiable rewards).
+    """
+    inputs = reward_inputs(batch, rows)
+    components = {key: value.to(accelerator.device) for key, value in rewards.score_components(sources, inputs).items()}
+    raw = rewards.combine(sources, components, normalize_by_stats=False)
+    total = rewards.combine(sources, components, normalize_by_stats=norm_mode == "rm_stats")
+    mean = std = None
     if norm_mode == "running":
-        moments.update(accelerator.gather(raw))  # the same statistics on every process
+        moments.update(accelerator.gather(total))  # the same statistics on every process
         mean, std = moments.mean, moments.std
-    elif norm_mode == "rm_stats":
-        mean, std = reward.stats["mean"], reward.stats["std"]
-    else:
-        mean = std = None
-    return raw, rl.shape_scores(raw, batch.has_stop, mean, std, args.missing_eos_penalty, args.reward_clip)
+    total = rl.shape_scores(total, batch.has_stop, mean, std)  # standardise only; penalties below
+    overlong = None
+    if args.overlong_penalty:
+        overlong = rewards.overlong_penalty(batch.mask.sum(dim=1), args.max_new_tokens, args.overlong_buffer_length,
+                                            args.overlong_penalty_factor)
+        total = total + overlong
+    scores = rl.shape_scores(total, batch.has_stop, None, None, args.missing_eos_penalty, args.reward_clip)
+    return Scored(raw=raw, scores=scores, components=components, overlong=overlong)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# held-out evaluation (--eval_dataset_path): the same reward sources on responses to prompts never trained on
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_policy(policy, tokenizer, rows: list[dict], sources: list[rewards.WeightedReward], args: PPOConfig,
+                    stop_ids: list[int], suppressed: list[int], accelerator, temperature: float = 0.0,
+                    seed: int = 0) -> list[dict]:
+    """One response per held-out prompt row (greedy at temperature 0), scored by every reward source.
+
+    Returns one record per row, in row order: {"id", "response", "truncated", "reward" (Σ w·raw), <key>: raw score
+    of each source}. Each process answers rows[rank::P]; the records are gathered on every process.
+    """
+    from accelerate.utils import gather_object
+
+    from rlhfkit.sampling import generate_batch
+
+    mine = rows[accelerator.process_index::accelerator.num_processes]
+    chunk = args.generation_batch_size or max(1, args.rollout_batch_size * args.num_samples_per_prompt)
+    records = []
+    for start in range(0, len(mine), chunk):
+        part = mine[start : start + chunk]
+        generated = generate_batch(policy, tokenizer, [row["prompt"] for row in part], n=1,
+                                   max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=1.0, seed=seed,
+                                   stop_ids=stop_ids, suppressed_tokens=suppressed)
+        samples = [per_prompt[0] for per_prompt in generated]
+        inputs = rewards.RewardInputs(
+            prompts=[row["prompt"] for row in part], responses=[sample["text"] for sample in samples], rows=part,
+            lengths=[len(sample["token_ids"]) for sample in samples],
+            truncated=[not sample["finished"] for sample in samples])
+        components = rewards.score_components(sources, inputs)
+        total = rewards.combine(sources, components, normalize_by_stats=False)
+        for index, (row, sample) in enumerate(zip(part, samples)):
+            records.append({"id": row["id"], "response": sample["text"], "truncated": not sample["finished"],
+                            "reward": float(total[index]),
+                            **{key: float(values[index]) for key, values in components.items()}})
+    if accelerator.num_processes > 1:
+        records = gather_object(records)
+    order = {row["id"]: index for index, row in enumerate(rows)}
+    return sorted(records, key=lambda record: order[record["id"]])
+
+
+def evaluation_summary(before: list[dict] | None, after: list[dict], keys: list[str], seed: int = 0) -> dict:
+    """Mean of each key with a 95% percentile-bootstrap interval over prompts (10,000 resamples), before and after
+    training, and the paired difference after − before (`rlhfkit.bootstrap`)."""
+    from rlhfkit.bootstrap import bootstrap_mean_ci, paired_differences
+
+    summary: dict[str, dict] = {}
+    for key in keys:
+        entry = {"after": bootstrap_mean_ci([r[key] for r in after], seed=seed).to_dict()}
+        if before is not None:
+            entry["before"] = bootstrap_mean_ci([r[key] for r in before], seed=seed).to_dict()
+            delta = paired_differences({r["id"]: r[key] for r in after}, {r["id"]: r[key] for r in before})
+            entry["delta"] = bootstrap_mean_ci(delta, seed=seed).to_dict()
+        summary[key] = entry
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dynamic sampling: more generation batches until enough prompt groups carry a signal
+# ---------------------------------------------------------------------------------------------------------------
+def draw_positions(step: int, draw: int, per_step: int, n_prompts: int, seed: int, used: set[int]) -> list[int]:
+    """Prompt positions of generation batch `draw` of PPO step `step` (all processes).
+
+    Draw 0 is the step's usual batch (`prompt_positions`). Further draws (dynamic sampling) take prompts not yet
+    used in this step from a permutation seeded by (seed, step, draw), so a resumed run draws the same; a prompt
+    set smaller than a few batches repeats prompts after exhausting the fresh ones.
+    """
+    if draw == 0:
+        return prompt_positions(step, per_step, n_prompts, seed)
+    from rlhfkit.sampling import derive_seed
+
+    generator = torch.Generator().manual_seed(derive_seed(seed, "dynamic_sampling", step, draw))
+    order = torch.randperm(n_prompts, generator=generator).tolist()
+    fresh = [i for i in order if i not in used]
+    while len(fresh) < per_step:
+        fresh += order
+    return fresh[:per_step]
+
+
+def collect_rollouts(draw, args: PPOConfig, accelerator, pad_id: int):
+    """This step's rollout: one generation batch, or with --dynamic_sampling as many as it takes (up to the cap)
+    to gather --rollout_batch_size prompt groups whose K scores differ (`objectives.informative_groups`).
+
+    draw(d) → (batch, rows, scored): generation batch d of this process, sampled and scored. Every process draws
+    the same number of batches (the decision uses the gathered minimum), so collective calls stay in step.
+    Returns (batch, rows, scored, metrics); with too few informative groups after the cap, the batch is filled
+    with uninformative ones (zero advantage), as many as needed, and `sampling/filled_groups` says how many.
+    """
+    batch, rows, scored = draw(0)
+    k = args.num_samples_per_prompt
+    metrics: dict[str, torch.Tensor] = {}
+    if args.estimator.min_samples_per_prompt >= 2:  # TRL's frac_reward_zero_std
+        informative = objectives.informative_groups(scored.scores, k)
+        metrics["sampling/zero_std_fraction"] = 1.0 - informative.float().mean()
+    if not args.dynamic_sampling:
+        return batch, rows, scored, metrics
+    wanted = args.rollout_batch_size
+    parts = [(batch, rows, scored, informative)]
+    kept = int(informative.sum())
+    draws = 1
+    while draws < args.dynamic_sampling_max_batches:
+        fewest = accelerator.gather(torch.tensor([kept], device=accelerator.device)).min().item()
+        if fewest >= wanted:
+            break
+        batch, rows, scored = draw(draws)
+        informative = objectives.informative_groups(scored.scores, k)
+        parts.append((batch, rows, scored, informative))
+        kept += int(informative.sum())
+        draws += 1
+    chosen = []  # (part, group): informative groups in draw order, then uninformative ones to fill
+    for fill in (False, True):
+        for index, (_, _, _, groups) in enumerate(parts):
+            chosen += [(index, group) for group in range(groups.numel()) if bool(groups[group]) != fill]
+    filled = max(0, wanted - kept)
+    chosen = chosen[:wanted]
+    row_index = [(part, group * k + j) for part, group in chosen for j in range(k)]
+    batch = concat_rollouts([parts[part][0] for part in range(len(parts))], row_index, pad_id)
+    rows = [parts[part][1][row] for part, row in row_index]
+    scored = Scored(
+        raw=torch.stack([parts[part][2].raw[row] for part, row in row_index]),
+        scores=torch.stack([parts[part][2].scores[row] for part, row in row_index]),
+        components={key: torch.stack([parts[part][2].components[key][row] for part, row in row_index])
+                    for key in parts[0][2].components},
+        overlong=None if parts[0][2].overlong is None else
+        torch.stack([parts[part][2].overlong[row] for part, row in row_index]),
+    )
+    device = batch.responses.device
+    metrics.update({
+        "sampling/generation_batches": torch.tensor(float(draws), device=device),
+        "sampling/prompts_sampled": torch.tensor(float(draws * args.rollout_batch_size), device=device),
+        "sampling/informative_groups": torch.tensor(float(kept), device=device),
+        "sampling/filled_groups": torch.tensor(float(filled), device=device),
+    })
+    return batch, rows, scored, metrics
+
+
+def concat_rollouts(batches: list[Rollout], row_index: list[tuple[int, int]], pad_id: int) -> Rollout:
+    """Rows `row_index` [(batch, row)] of several rollouts as one, re-padded: prompts on the left, responses on
+    the right (the layout `rollout` makes), positions recomputed."""
+    width = max(b.responses.shape[1] for b in batches)
+    prompt_width = max(b.input_ids.shape[1] - b.responses.shape[1] for b in batches)
+
+    def pad(tensor, left: int, right: int, value):
+        return torch.nn.functional.pad(tensor, (left, right), value=value)
+
+    parts = []
+    for b in batches:
+        prompt_len, response_len = b.input_ids.shape[1] - b.responses.shape[1], b.responses.shape[1]
+        left, right = prompt_width - prompt_len, width - response_len
+        parts.append({
+            "input_ids": pad(b.input_ids, left, right, pad_id),
+            "attention_mask": pad(b.attention_mask, left, right, 0),
+            "responses": pad(b.responses, 0, right, pad_id),
+            "mask": pad(b.mask, 0, right, 0.0),
+            "sample_logprobs": pad(b.sample_logprobs, 0, right, 0.0),
+        })
+
+    def take(name):
+        return torch.stack([parts[i][name][row] for i, row in row_index])
+
+    attention_mask = take("attention_mask")
+    return Rollout(
+        prompts=[batches[i].prompts[row] for i, row in row_index],
+        texts=[batches[i].texts[row] for i, row in row_index],
+        input_ids=take("input_ids"),
+        attention_mask=attention_mask,
+        position_ids=positions_from_mask(attention_mask),
+        responses=take("responses"),
+        mask=take("mask"),
+        has_stop=torch.stack([batches[i].has_stop[row] for i, row in row_index]),
+        sample_logprobs=take("sample_logprobs"),
+    )
+
+
+@torch.no_grad()
+def reward_metrics(scored: Scored, has_stop: torch.Tensor) -> dict:
+    """Per-process means of each reward source's raw scores (reward/<key>) and of the overlong penalty."""
+    metrics = {f"reward/{key}": values.float().mean() for key, values in scored.components.items()}
+    if scored.overlong is not None:
+        metrics["reward/overlong"] = scored.overlong.mean()
+        metrics["reward/overlong_fraction"] = (scored.overlong < 0).float().mean()
+    metrics["response/truncated_fraction"] = (~has_stop).float().mean()
+    return metrics
 
 
 @torch.no_grad()
@@ -593,29 +884,46 @@ def ppo_update(model, optimizer, scheduler, accelerator, args: PPOConfig, batch:
     dropout_free(model)
     total = batch.responses.shape[0]
     micro = args.per_device_train_batch_size
+    accumulation = args.gradient_accumulation_steps
     width = batch.responses.shape[1]
+    # --mask_truncated_completions: truncated responses leave the policy loss (the value loss keeps them)
+    policy_mask = objectives.mask_truncated(batch.mask, batch.has_stop) if args.mask_truncated_completions \
+        else batch.mask
     sums: dict[str, float] = {}
     count = 0
     for _ in range(args.ppo_epochs):
         order = torch.randperm(total, device=batch.responses.device)
+        # token aggregation divides by the tokens of the whole optimizer minibatch (all its micro-batches, all
+        # processes): count them per accumulation window before the window starts
+        window_rows = micro * accumulation
+        window_tokens = torch.stack([policy_mask[order[start : start + window_rows]].sum()
+                                     for start in range(0, total, window_rows)])
+        window_tokens = accelerator.gather(window_tokens.reshape(1, -1)).float().mean(dim=0)  # N / P per window
         for start in range(0, total, micro):
             rows = order[start : start + micro]
             mask = batch.mask[rows]
+            loss_mask = policy_mask[rows]
             with accelerator.accumulate(model):
                 logits, values = model(
                     batch.input_ids[rows], batch.attention_mask[rows], batch.position_ids[rows], width, args.temperature
                 )
                 logprobs = rl.logprobs_from_logits(logits, batch.responses[rows])
-                loss, metrics = rl.policy_loss(logprobs, old_logprobs[rows], advantages[rows], mask, args.cliprange)
-                metrics = {"policy/pg_loss": loss.detach(), **{f"policy/{k}": v for k, v in metrics.items()}}
+                ref_kl = rl.kl_per_token(logprobs, ref_logprobs[rows], "k3") if args.kl_loss_coef else None
+                loss, metrics = objectives.policy_objective(
+                    logprobs, old_logprobs[rows], advantages[rows], loss_mask, metrics_mask=mask,
+                    clip_low=args.cliprange_low, clip_high=args.cliprange_high, policy_loss=args.policy_loss,
+                    aggregation=args.loss_aggregation, importance_sampling_level=args.importance_sampling_level,
+                    ref_kl=ref_kl, kl_coef=args.kl_loss_coef, kl_importance_weighted=args.kl_loss_importance_weighted,
+                    max_completion_length=args.max_new_tokens,
+                    num_tokens=objectives.token_normalizer(float(window_tokens[start // window_rows]), accumulation),
+                )
+                metrics = {f"policy/{k}": v for k, v in metrics.items()}
                 entropy = rl.masked_mean(rl.entropy_from_logits(logits), mask)
                 metrics["policy/entropy"] = entropy.detach()
                 if args.entropy_coef:
                     loss = loss - args.entropy_coef * entropy
-                if args.kl_loss_coef:
-                    kl_loss = rl.masked_mean(rl.kl_per_token(logprobs, ref_logprobs[rows], "k3"), mask)
-                    loss = loss + args.kl_loss_coef * kl_loss
-                    metrics["policy/kl_loss"] = kl_loss.detach()
+                if ref_kl is not None:
+                    metrics["policy/kl_loss"] = rl.masked_mean(ref_kl, loss_mask).detach()
                 if values is not None:
                     vf_loss, vf_metrics = rl.value_loss(
                         values, old_values[rows], returns[rows], mask, args.cliprange_value
@@ -694,6 +1002,8 @@ def save_checkpoint(accelerator, out: StageOutput, step: int, history: list[dict
     accelerator.save_state(str(temp))
     if accelerator.is_main_process:
         write_json_atomic(temp / TRAINER_STATE, {"step": step, "log_history": history})
+    seal_checkpoint(temp, accelerator.is_main_process)  # checksums.json last, once every rank's files are written
+    if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temp, final)
         if save_total_limit:
