@@ -30,7 +30,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 from rlhfkit.errors import UserError
-from rlhfkit.eval.loading import attach_scores, completion_flags, group_summary, load_rows, string_field
+from rlhfkit.eval.loading import completion_flags, load_rows, looks_like, string_field, summarize_rows
 
 NAME = "judgebench"
 CATEGORIES = (("Knowledge", "mmlu-pro"), ("Reasoning", "livebench-reasoning"), ("Math", "livebench-math"),
@@ -171,17 +171,12 @@ DPO_MODE = True
 
 
 def detect(records: list) -> bool:
-    sample = records[:100]
-    return bool(sample) and all(is_record(r) for r in sample)
+    return looks_like(records, is_record)
 
 
 def summarize(rows: list[dict], scores: Sequence[float], truncated: Sequence[bool], totals: dict) -> dict:
-    offsets = attach_scores(rows, scores)
-    result, per_row = score_rows(rows)
-    lines = [{"id": row["id"], "subset": row["subset"], "file": row.get("file"), "row": row.get("row"),
-              "scores": row["scores"], **outcome} for row, outcome in zip(rows, per_row)]
-    return group_summary(rows, offsets, truncated, totals, {NAME: result}, format_table(result), metrics(result),
-                         lines, diagnostic_pairs, diagnostic_source)
+    return summarize_rows(rows, scores, truncated, totals, NAME, score_rows, format_table, metrics, diagnostic_pairs,
+                          diagnostic_source)
 
 
 def headline_of(results: dict) -> float:

@@ -97,6 +97,24 @@ def attach_scores(rows: list[dict], scores: Sequence[float]) -> list[int]:
     return offsets
 
 
+def looks_like(records: list, is_record: Callable[[dict], bool]) -> bool:
+    """`detect` for a benchmark whose records are recognised one by one: all of the first 100 are its layout."""
+    sample = records[:100]
+    return bool(sample) and all(is_record(r) for r in sample)
+
+
+def summarize_rows(rows: list[dict], scores: Sequence[float], truncated: Sequence[bool], totals: dict, name: str,
+                   score_rows: Callable, format_table: Callable, metrics: Callable,
+                   pairs_of: Callable[[dict], list[tuple[int, int]]], source_of: Callable[[dict], str]) -> dict:
+    """`summarize` of a group benchmark scored row by row (`score_rows(rows) -> (result, per-row outcomes)`)."""
+    offsets = attach_scores(rows, scores)
+    result, per_row = score_rows(rows)
+    lines = [{"id": row["id"], "subset": row["subset"], "file": row.get("file"), "row": row.get("row"),
+              "scores": row["scores"], **outcome} for row, outcome in zip(rows, per_row)]
+    return group_summary(rows, offsets, truncated, totals, {name: result}, format_table(result), metrics(result),
+                         lines, pairs_of, source_of)
+
+
 def group_summary(rows: list[dict], offsets: list[int], truncated: Sequence[bool], totals: dict, results: dict,
                   table: str, metrics: dict, lines: list[dict], pairs_of: Callable[[dict], list[tuple[int, int]]],
                   source_of: Callable[[dict], str]) -> dict:
