@@ -35,8 +35,11 @@ def _parser(dataclass_types: Sequence[type]):
                             allow_abbrev=False)  # a prefix like --learning_rat must not pass as --learning_rate
 
 
-def _known_keys(parser) -> set[str]:
-    return {action.dest for action in parser._actions if action.dest != "help"}
+def _known_keys(dataclass_types) -> set[str]:
+    """Every flag name the stage takes: the fields of its argument dataclasses (what HfArgumentParser adds)."""
+    import dataclasses
+
+    return {f.name for dataclass_type in dataclass_types for f in dataclasses.fields(dataclass_type) if f.init}
 
 
 def _suggest(key: str, known: set[str]) -> str:
@@ -145,7 +148,7 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
 
     dataclass_types = [*dataclass_types, IntegrityArguments]
     parser = _parser(dataclass_types)
-    known = _known_keys(parser)
+    known = _known_keys(dataclass_types)
     argv = _rename_argv(list(sys.argv[1:] if argv is None else argv), known)
     config_argv: list[str] = []
     if "--config" in argv:
@@ -253,6 +256,9 @@ def run_stage(main: Callable[..., Any], dataclass_types: Sequence[type], argv: S
         sys.exit(2)
     except Preempted as exc:  # the checkpoint is saved and the line printed; keep OUT.partial for the resume
         uninstall_all()
+        from .launch import record_preemption
+
+        record_preemption(str(exc))  # for `python -m rlhfkit.launch`, which then exits 75 instead of the launcher's 1
         release_all(failed=False)
         sys.exit(exc.code)
     except Exception as exc:

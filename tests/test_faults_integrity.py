@@ -1,6 +1,6 @@
 """Integrity under faults with several processes: one of two DDP ranks SIGKILLed mid-epoch, a 2-process run
-preempted by SIGTERM to its launcher, a damaged checkpoint skipped and a changed run refused on resume; and one
-merger at a time on a generation output (the output lock).
+preempted by SIGTERM to `python -m rlhfkit.launch` (exit 75), a damaged checkpoint skipped on resume; one process
+under `accelerate launch` and under the wrapper; and one merger at a time on a generation output (the output lock).
 
 The 2-process runs are real `accelerate launch --config_file configs/accelerate/ddp.yaml` runs of rm_train.py (two
 CPU processes over gloo), tiny model, 12 steps of 4 pairs per rank, constant learning rate.
@@ -40,8 +40,8 @@ def _run(argv: list[str], timeout=900) -> subprocess.CompletedProcess:
     return subprocess.run([*LAUNCH, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-def _start(argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([*LAUNCH, *argv], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+def _start(argv: list[str], launch: list[str] = LAUNCH) -> subprocess.Popen:
+    return subprocess.Popen([*launch, *argv], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 
@@ -112,14 +112,17 @@ def test_a_killed_rank_stops_the_other_and_the_resume_ends_with_the_same_weights
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_saves_one_consistent_checkpoint_and_resumes_to_the_same_weights(tmp_path,
-                                                                                                 uninterrupted):
+def test_sigterm_to_rlhfkit_launch_saves_one_consistent_checkpoint_exits_75_and_resumes_to_the_same_weights(
+        tmp_path, uninterrupted):
     data, expected = uninterrupted
     out = tmp_path / "rm"
-    proc = _start(_argv(data, out))
+    # `python -m rlhfkit.launch` is `accelerate launch` that hands the notice to the ranks itself and exits 75
+    proc = _start(_argv(data, out), launch=[sys.executable, "-m", "rlhfkit.launch", *LAUNCH[3:]])
     _wait_for_checkpoint(proc, out)
-    proc.send_signal(signal.SIGTERM)  # to the launcher only; torch elastic passes it to both ranks
+    proc.send_signal(signal.SIGTERM)  # to the wrapper only, as a scheduler's notice
     stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "rlhfkit.launch: SIGTERM sent to 2 training process(es)" in stderr
     preempted = [line for line in stderr.splitlines() if line.startswith("preempted: ")]
     assert len(preempted) == 1, stderr[-3000:]  # one line, from the main rank
     step = int(preempted[0].split(" at step ")[1].split(":")[0])
@@ -128,16 +131,63 @@ def test_sigterm_to_the_launcher_saves_one_consistent_checkpoint_and_resumes_to_
     files = json.loads((checkpoint / "checksums.json").read_text())["files"]
     assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "optimizer.pt", "trainer_state.json"} <= set(files)
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == step < STEPS
-    # the workers exit 75 (EX_TEMPFAIL) after the checkpoint; `accelerate launch` (torch elastic) re-raises the
-    # signal it received as its own failure, exit 1: the `preempted:` line is what tells a preemption apart
-    assert proc.returncode != 0
 
-    # a resume with different results refused in one line; then the same run resumes to the same weights
-    changed = _run([*_argv(data, out), "--resume_from_checkpoint", "true", "--learning_rate", "1e-2"])
-    assert changed.returncode != 0 and "learning_rate 0.001 → 0.01" in changed.stderr
+    # the same run resumes to the same weights (a changed one is refused: tests/test_checkpoints.py)
     resumed = _run([*_argv(data, out), "--resume_from_checkpoint", "true"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert weights_digest(out) == expected
+
+
+WAITS_FOR_NOTICE = """
+import sys, time
+from rlhfkit.cli import run_stage
+from rlhfkit.faults import PreemptionGuard
+
+def main():
+    guard = PreemptionGuard("SIGTERM,SIGUSR1")
+    print("ready", flush=True)
+    deadline = time.time() + 30
+    while not guard.requested and time.time() < deadline:
+        time.sleep(0.05)
+    guard.exit(3, None)
+
+run_stage(main, [], [])
+"""
+
+
+@pytest.mark.parametrize("launcher", ["accelerate", "rlhfkit"])
+def test_one_process_hears_the_notice_only_through_rlhfkit_launch(tmp_path, launcher):
+    # `accelerate launch` with one process dies on SIGTERM and its stage never hears of it (it runs on, orphaned);
+    # the wrapper hands the signal to the stage, which stops on it, and exits 75
+    import psutil
+
+    script = tmp_path / "stage.py"
+    script.write_text(WAITS_FOR_NOTICE)
+    module = "accelerate.commands.launch" if launcher == "accelerate" else "rlhfkit.launch"
+    with open(tmp_path / "stderr", "w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", module, "--num_processes", "1", "--num_machines", "1",
+                                 "--mixed_precision", "no", "--dynamo_backend", "no", str(script)], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            stage = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.cmdline()[1:] == [str(script)]]
+            assert len(stage) == 1
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=60)
+            if launcher == "rlhfkit":
+                err.seek(0)
+                stderr = err.read()
+                assert code == 75 and "preempted: preempted by SIGTERM at step 3" in stderr, stderr[-3000:]
+                assert not stage[0].is_running()
+            else:
+                assert code == -signal.SIGTERM and stage[0].is_running()  # the launcher is gone, the stage runs on
+        finally:
+            for child in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+                child.kill()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_a_second_merge_of_one_generation_output_is_refused_naming_the_first(tmp_path):
