@@ -7,10 +7,10 @@
 Why our own loop: no maintained library provides PPO with a critic any more. TRL removed `PPOTrainer` and
 `AutoModelForCausalLMWithValueHead` (2026); its GRPO/RLOO trainers have no value model, no GAE and no per-token KL
 reward; OpenRLHF needs Ray and its own launcher. So the loop is written here on `accelerate`, with the math as pure
-functions in `rlhfkit/rl.py` (tested against hand-computed values), and reuses TRL only for gathering ZeRO-3
+functions in `rlhfkit/rl/estimators.py` and `objectives.py` (tested against hand-computed values), and reuses TRL only for gathering ZeRO-3
 weights once per rollout (`unwrap_model_for_generation`) and for preparing frozen models under DeepSpeed.
 
-One PPO step (all in `rlhfkit.rl.ppo`, which also owns `PPOConfig`):
+One PPO step (`rlhfkit.rl.rollout`, `.scoring`, `.ppo`; flags in `rlhfkit.rl.config.PPOConfig`):
     rollout() → score() → forward_rollout() / reference_logprobs() → compute_advantages() → ppo_update()
 - rollout: batched HF `generate` with the stop rules of `generation/` (`rlhfkit.sampling`: EOS plus the chat
   template's end-of-turn token), per-sample seeds derived from (seed, step, prompt position), so a resumed run draws
@@ -71,14 +71,14 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.rl import ppo
+from rlhfkit.rl import estimators, networks, ppo, rewards, rollout, scoring
 from rlhfkit.args import ModelArguments
-from rlhfkit.checkpoints import StageOutput, parent_record
+from rlhfkit.checkpoints import LOG_HISTORY, StageOutput, parent_record
 from rlhfkit.checkpoints import resume_requested as checkpoint_resume_requested
 from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.errors import UserError
 from rlhfkit.faults import PreemptionGuard, check_finite
-from rlhfkit.rl.ppo import PPOConfig
+from rlhfkit.rl.config import PPOConfig
 from rlhfkit.rl.rewards import DEFAULT_FORMAT_REGEX
 
 logger = logging.getLogger("ppo_train")
@@ -220,27 +220,27 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     vocab_before_pad = policy.get_input_embeddings().num_embeddings  # the reference and value model follow a resize
     ensure_pad_token(tokenizer, policy)
     stop_ids = stop_token_ids(tokenizer, policy)
-    suppressed = ppo.suppressed_token_ids(tokenizer, args.suppress_tokens)
-    ignored_generation_config = ppo.log_ignored_generation_config(policy)
+    suppressed = networks.suppressed_token_ids(tokenizer, args.suppress_tokens)
+    ignored_generation_config = networks.log_ignored_generation_config(policy)
 
     from rlhfkit.rl.model_rewards import ProcessReward, PreferenceReward
 
     # every --reward_model_path (rm | pm | prm), then every --reward_fn, weighted (rlhfkit/rl/rewards.py)
-    sources = ppo.build_reward_sources(script_args, model_args)
+    sources = scoring.build_reward_sources(script_args, model_args)
     reward = sources[0].source if len(sources) == 1 else None  # what the single-source features below look at
-    norm_mode = ppo.normalization_mode(args.reward_normalization, sources)
+    norm_mode = scoring.normalization_mode(args.reward_normalization, sources)
 
     ref_path = script_args.ref_model_path or policy_path
     ref_model = None
     if not (model_args.use_peft and ref_path == policy_path):  # with LoRA the base policy is the reference
         ref_resolved, _ = resolve_model(ref_path, role="reference model")
-        ref_model = ppo.load_reference(ref_resolved, model_args, policy, vocab_before_pad, tokenizer, ref_path)
+        ref_model = networks.load_reference(ref_resolved, model_args, policy, vocab_before_pad, tokenizer, ref_path)
 
     value_model, value_tokenizer, value_source = None, None, None
     if args.estimator.needs_critic:
-        value_model, value_tokenizer, value_source = ppo.build_value_model(
+        value_model, value_tokenizer, value_source = networks.build_value_model(
             script_args, model_args, policy_path, tokenizer,
-            next((item.source for item in sources if isinstance(item.source, ppo.ModelReward)), None),
+            next((item.source for item in sources if isinstance(item.source, rewards.ModelReward)), None),
             policy, vocab_before_pad
         )
     if args.gradient_checkpointing:
@@ -249,10 +249,21 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
             if model is not None:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
                 model.config.use_cache = False
-    policy = ppo.apply_lora(policy, model_args, "CAUSAL_LM")
+    policy = networks.apply_lora(policy, model_args, "CAUSAL_LM")
     if value_model is not None:
-        value_model = ppo.apply_lora(value_model, model_args, "SEQ_CLS", modules_to_save=["score"])
-    model = ppo.PolicyAndValue(policy, value_model, suppressed)
+        value_model = networks.apply_lora(value_model, model_args, "SEQ_CLS", modules_to_save=["score"])
+    model = networks.PolicyAndValue(policy, value_model, suppressed)
+    # the log-prob forwards: K samples of a prompt share its computation when that is exact on this policy
+    if value_model is not None:
+        if args.pairwise_forward not in ("auto", "padded"):
+            raise UserError(f"--pairwise_forward {args.pairwise_forward}: a run with a value model "
+                            f"(--advantage_estimator {args.advantage_estimator}) uses the padded forward")
+        layout = ref_layout = "padded"
+    else:
+        from rlhfkit.pairwise import choose_layout
+
+        layout = choose_layout(policy, args.pairwise_forward)
+        ref_layout = layout if ref_model is None else choose_layout(ref_model, args.pairwise_forward)
 
     groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": args.learning_rate}]
     if value_model is not None:
@@ -303,7 +314,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(warmup),
                               num_training_steps=optimizer_steps)
 
-    if ppo.is_deepspeed(accelerator):  # a custom loop passes no dataloader, so DeepSpeed's "auto" batch sizes are ours
+    if networks.is_deepspeed(accelerator):  # a custom loop passes no dataloader, so DeepSpeed's "auto" batch sizes are ours
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
         ds_config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
@@ -312,8 +323,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     # after the trained model: accelerate has then resolved the DeepSpeed config's "auto" values they reuse
     if ref_model is not None:
-        ref_model = ppo.prepare_frozen(ref_model, accelerator)
-    ppo.place_reward_models(sources, accelerator)
+        ref_model = networks.prepare_frozen(ref_model, accelerator)
+    scoring.place_reward_models(sources, accelerator)
     if isinstance(reward, PreferenceReward) and args.num_samples_per_prompt == 1:  # baseline: the reference's greedy
         from rlhfkit.rl.model_rewards import greedy_generator
 
@@ -322,7 +333,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
                                                  suppressed, adapter_off=ref_model is None))
 
     kl_controller = ppo.kl_controller(args)
-    moments = ppo.RunningMoments()
+    moments = estimators.RunningMoments()
     accelerator.register_for_checkpointing(kl_controller, moments)
 
     # ---------------------------------------------------------------- train
@@ -335,7 +346,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     if accelerator.is_main_process:
         accelerator.init_trackers("ppo", config={k: v for k, v in to_dict(script_args, model_args, args).items()
                                                  if isinstance(v, (int, float, str, bool))})
-    log_file = out.staging / "log_history.jsonl"
+    log_file = out.staging / LOG_HISTORY
     if accelerator.is_main_process:  # rewritten from the checkpoint's history so a resumed log has no duplicates
         log_file.write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
     unwrapped = accelerator.unwrap_model(model)
@@ -355,10 +366,22 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
                 [item.source.describe() for item in sources])
     eval_keys = ["reward", *(item.key for item in sources)]
     eval_before = None
-    if eval_rows and start_step == 0:  # a resumed run has no untrained policy left to evaluate
+    eval_sampler = None  # the held-out answers on the vLLM engine too, when every held-out prompt fits it
+    if rollout_engine is not None and eval_rows:
+        longest = max(len(render_generation_prompt(tokenizer, row["prompt"])) for row in eval_rows)
+        if longest <= script_args.max_prompt_length:
+            eval_sampler = rollout_engine.generate
+        else:
+            logger.info("held-out evaluation with our decoding loop: a held-out prompt of %d tokens is longer than "
+                        "--max_prompt_length %d, which sizes the vLLM engine", longest, script_args.max_prompt_length)
+
+    def evaluate():
         with unwrap_model_for_generation(model, accelerator) as generator, accelerator.autocast():
-            eval_before = ppo.evaluate_policy(generator.policy, tokenizer, eval_rows, sources, args, stop_ids,
-                                              suppressed, accelerator, script_args.eval_temperature, args.seed)
+            return scoring.evaluate_policy(generator.policy, tokenizer, eval_rows, sources, args, stop_ids, suppressed,
+                                           accelerator, script_args.eval_temperature, args.seed, eval_sampler)
+
+    if eval_rows and start_step == 0:  # a resumed run has no untrained policy left to evaluate
+        eval_before = evaluate()
         logger.info("held-out before training: %s", {key: round(sum(r[key] for r in eval_before) / len(eval_before), 4)
                                                      for key in eval_keys})
 
@@ -372,26 +395,26 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         scoring_seconds = [0.0]
 
         def draw(index: int, step=step, used_positions=used_positions, scoring_seconds=scoring_seconds):
-            positions = ppo.draw_positions(step, index, per_step, len(kept_rows), args.seed, used_positions)
+            positions = scoring.draw_positions(step, index, per_step, len(kept_rows), args.seed, used_positions)
             used_positions.update(positions)
             mine = positions[accelerator.process_index * args.rollout_batch_size:][: args.rollout_batch_size]
-            seeds = ppo.rollout_seeds(args.seed, step if index == 0 else f"{step}.{index}", mine)
+            seeds = rollout.rollout_seeds(args.seed, step if index == 0 else f"{step}.{index}", mine)
             model.eval()
             # under --bf16 the sampler runs in the same autocast as the log-prob forwards (one distribution)
             if rollout_engine is not None:
-                batch = ppo.rollout(None, tokenizer, [kept_rows[i] for i in mine], [kept_ids[i] for i in mine], seeds,
-                                    args, stop_ids, accelerator.device, sampler=rollout_engine.generate)
+                batch = rollout.rollout(None, tokenizer, [kept_rows[i] for i in mine], [kept_ids[i] for i in mine],
+                                        seeds, args, stop_ids, accelerator.device, sampler=rollout_engine.generate)
             else:
                 with unwrap_model_for_generation(model, accelerator) as generator, accelerator.autocast():
-                    batch = ppo.rollout(generator.policy, tokenizer, [kept_rows[i] for i in mine],
-                                        [kept_ids[i] for i in mine], seeds, args, stop_ids, accelerator.device)
+                    batch = rollout.rollout(generator.policy, tokenizer, [kept_rows[i] for i in mine],
+                                            [kept_ids[i] for i in mine], seeds, args, stop_ids, accelerator.device)
             rows = [kept_rows[i] for i in mine for _ in range(args.num_samples_per_prompt)]
             begin = time.perf_counter()
-            scored = ppo.score(sources, batch, rows, args, norm_mode, moments, accelerator)
+            scored = scoring.score(sources, batch, rows, args, norm_mode, moments, accelerator)
             scoring_seconds[0] += time.perf_counter() - begin
             return batch, rows, scored
 
-        batch, rows, scored, sampling_metrics = ppo.collect_rollouts(draw, args, accelerator, pad_token_id(tokenizer))
+        batch, rows, scored, sampling_metrics = scoring.collect_rollouts(draw, args, accelerator, pad_token_id(tokenizer))
         raw, scores = scored.raw, scored.scores
         step_rewards = None
         if isinstance(reward, ProcessReward) and str(args.estimator) in ("gae", "reinforce_pp"):  # at step ends
@@ -402,10 +425,10 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         t2 = time.perf_counter()
         t1 = t2 - scoring_seconds[0]
         # -- advantages --
-        logprobs, values = ppo.forward_rollout(model, batch, micro, args.temperature)
+        logprobs, values = rollout.forward_rollout(model, batch, micro, args.temperature, layout)
         with accelerator.autocast():  # the frozen reference is not wrapped by accelerate; same precision as the policy
-            ref_logprobs = ppo.reference_logprobs(ref_model, unwrapped.policy, batch, micro, args.temperature,
-                                                  suppressed)
+            ref_logprobs = rollout.reference_logprobs(ref_model, unwrapped.policy, batch, micro, args.temperature,
+                                                      suppressed, ref_layout)
         kl = ppo.token_kl(args, logprobs, ref_logprobs, batch.mask)
         kl_coef = kl_controller.value
         advantages, returns = ppo.compute_advantages(args, scores, kl, batch.mask, values, kl_coef, step_rewards)
@@ -414,13 +437,13 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
             advantages, vllm_metrics = rollout_engine.importance_correction(advantages, logprobs, batch)
         # -- update --
         stats = ppo.ppo_update(model, optimizer, scheduler, accelerator, args, batch, logprobs, ref_logprobs,
-                           advantages, values, returns)
+                               advantages, values, returns, layout)
         t3 = time.perf_counter()
         if rollout_engine is not None:  # the updated policy into the engine, checked; stops here if it is not there
             vllm_metrics.update(rollout_engine.sync(unwrapped.policy, step + 1))
 
         local = ppo.rollout_metrics(batch, raw, scores, logprobs, ref_logprobs, kl, kl_coef, values, returns)
-        local.update(ppo.reward_metrics(scored, batch.has_stop), **sampling_metrics)
+        local.update(scoring.reward_metrics(scored, batch.has_stop), **sampling_metrics)
         gathered = {key: accelerator.gather(value.float().reshape(1)).mean().item() for key, value in local.items()}
         stats = {key: accelerator.gather(torch.tensor([value], device=accelerator.device)).mean().item()
                  for key, value in stats.items()}
@@ -448,21 +471,19 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
             (lambda done=step + 1: ppo.save_checkpoint(accelerator, out, done, history, args.save_total_limit)),
             out.checkpoints / f"checkpoint-{step + 1}", accelerator.device, accelerator.is_main_process)
     guard.uninstall()
-    if rollout_engine is not None:
-        rollout_engine.close()
     progress.close()
     evaluation = None
     if eval_rows:
-        with unwrap_model_for_generation(model, accelerator) as generator, accelerator.autocast():
-            eval_after = ppo.evaluate_policy(generator.policy, tokenizer, eval_rows, sources, args, stop_ids,
-                                             suppressed, accelerator, script_args.eval_temperature, args.seed)
-        evaluation = ppo.evaluation_summary(eval_before, eval_after, eval_keys, args.seed)
+        eval_after = evaluate()  # the engine was synced after the last update: it holds the trained weights
+        evaluation = scoring.evaluation_summary(eval_before, eval_after, eval_keys, args.seed)
         if accelerator.is_main_process:
             for name, records in (("eval_before.jsonl", eval_before), ("eval_after.jsonl", eval_after)):
                 if records is not None:
                     (out.staging / name).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
         logger.info("held-out: %s", {key: {when: round(v["mean"], 4) for when, v in entry.items()}
                                      for key, entry in evaluation.items()})
+    if rollout_engine is not None:
+        rollout_engine.close()
 
     # ---------------------------------------------------------------- save
     state_dict = accelerator.get_state_dict(model)  # collective: gathers 16-bit weights under ZeRO-3
@@ -494,6 +515,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         **parent_record({"path": policy_path, "stage": policy_record.get("parent_stage")},
                         model_args.model_name_or_path, policy_record),
         "reference_model": os.path.abspath(ref_path) if ref_model is not None else "policy with LoRA disabled",
+        "pairwise_forward": {"policy": layout, "reference": ref_layout},
         "rollouts": {"backend": "vllm", **rollout_engine.settings} if rollout_engine is not None else {"backend": "hf"},
         "reward": [{"key": item.key, "weight": item.weight, **item.source.describe()} for item in sources],
         "reward_normalization": norm_mode,

@@ -322,7 +322,7 @@ def main() -> None:
     from rlhfkit.distributed import new_accelerator
     from trl.models.utils import unwrap_model_for_generation
 
-    from rlhfkit.rl.ppo import PolicyAndValue
+    from rlhfkit.rl.networks import PolicyAndValue
     from rlhfkit.models import ensure_pad_token, load_causal_lm, load_tokenizer, resolve_model
     from rlhfkit.sampling import generate_batch, stop_token_ids
 

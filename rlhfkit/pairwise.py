@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,10 +56,11 @@ logger = logging.getLogger(__name__)
 
 PAIRWISE_FORWARDS = ("auto", "prefix_shared", "packed", "padded")
 PAIRWISE_FORWARD_HELP = (
-    "How pairs and groups are laid out for the forward: prefix_shared (prompt computed once per pair/group, pairs "
-    "packed without padding; decoders), packed (no padding, no sharing; encoders), padded (TRL's layout), auto "
-    "(the fastest layout that gives the per-sequence results on the loaded model, checked before the first batch). "
-    "See rlhfkit/pairwise.py."
+    "How sequences that share a prompt are laid out for the forward: prefix_shared (the prompt computed once per "
+    "pair/group — a pair, both orders of a comparison, PPO's K samples of a prompt — sequences packed without "
+    "padding; decoders), packed (no padding, no sharing; encoders), padded (TRL's layout), auto (the fastest layout "
+    "that gives the per-sequence results on the loaded model, checked before the first batch). See "
+    "rlhfkit/pairwise.py."
 )
 
 # Encoders: the module that reads the first token's hidden state ([B, T, H] → uses [:, 0]) and the offset of their
@@ -700,12 +702,16 @@ class TokenScores:
     log_sum_sq_probs: torch.Tensor | None = None
 
 
-def token_logprobs(model, plan_: Plan, temperature: float = 1.0, extras: bool = False) -> TokenScores:
+def token_logprobs(model, plan_: Plan, temperature: float = 1.0, extras: bool = False,
+                   suppressed: Sequence[int] = (), entropy: bool = False) -> TokenScores:
     """One forward of a causal LM over the plan → log p(target | context) for each scored token, with grad.
 
     The LM head runs only at the plan's `logit_index` positions (a forward pre-hook gathers those hidden states into
     one [1, M, H] row), so prompt positions cost no LM head; the model's own forward still applies whatever follows
     the head (e.g. Gemma2's final logit soft-capping).
+    suppressed: token ids given probability 0 before the temperature (PPO's `--suppress_tokens`, as its sampler).
+    entropy: also the entropy of each position's distribution, with grad (PPO's entropy bonus); `extras` gives it
+    without grad, with the other diagnostics.
     """
     inner = _unwrap(model)
     head = inner.get_output_embeddings()
@@ -722,9 +728,15 @@ def token_logprobs(model, plan_: Plan, temperature: float = 1.0, extras: bool = 
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
+    if len(suppressed):  # after the temperature, as PPO's padded forward (`PolicyAndValue.forward`)
+        from rlhfkit.sampling import suppress_tokens
+
+        logits = suppress_tokens(logits, suppressed)
     log_norm = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(-1, plan_.target_ids.unsqueeze(-1)).squeeze(-1) - log_norm
     scores = TokenScores(log_probs=picked)
+    if entropy:  # as `rlhfkit.rl.estimators.entropy_from_logits`
+        scores.entropy = log_norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     if extras:
         with torch.no_grad():
             logp = logits - log_norm.unsqueeze(-1)
@@ -861,7 +873,6 @@ def run_chunks(trainer, step, model, inputs: dict, num_items_in_batch=None):
     chunks = inputs["pw_chunks"]
     total = sum(_pairs_in(chunk) for chunk in chunks)
     shares = [_pairs_in(chunk) / total for chunk in chunks]
-    before = _metric_lengths(trainer)
     loss = 0.0
     try:
         for i, chunk in enumerate(chunks):
@@ -871,30 +882,7 @@ def run_chunks(trainer, step, model, inputs: dict, num_items_in_batch=None):
                 loss = loss + step(model, chunk, num_items_in_batch)
     finally:
         trainer._loss_share = 1.0
-    merge_chunk_metrics(trainer, before, shares)
     return loss
-
-
-def _metric_lengths(trainer) -> dict | None:
-    metrics = getattr(trainer, "_metrics", None)
-    if not isinstance(metrics, dict):
-        return None
-    mode = "train" if trainer.model.training else "eval"
-    return {key: len(values) for key, values in metrics.get(mode, {}).items() if isinstance(values, list)}
-
-
-def merge_chunk_metrics(trainer, before: dict | None, shares: list[float]) -> None:
-    """TRL logs one value per forward and averages them per logging step: fold a batch's micro-batch values back
-    into one value, weighted by pairs, so logged per-pair metrics are those of the whole batch."""
-    if before is None:
-        return
-    mode = "train" if trainer.model.training else "eval"
-    for key, values in trainer._metrics[mode].items():
-        start = before.get(key, 0)
-        if isinstance(values, list) and len(values) - start == len(shares):
-            merged = sum(v * w for v, w in zip(values[start:], shares))
-            del values[start:]
-            values.append(merged)
 
 
 def predict_chunks(trainer, step, model, inputs: dict, prediction_loss_only, ignore_keys):
@@ -902,7 +890,6 @@ def predict_chunks(trainer, step, model, inputs: dict, prediction_loss_only, ign
     chunks = inputs["pw_chunks"]
     total = sum(_pairs_in(chunk) for chunk in chunks)
     shares = [_pairs_in(chunk) / total for chunk in chunks]
-    before = _metric_lengths(trainer)
     loss, logits = 0.0, []
     try:
         for chunk, share in zip(chunks, shares):
@@ -913,7 +900,6 @@ def predict_chunks(trainer, step, model, inputs: dict, prediction_loss_only, ign
                 logits.append(chunk_logits)
     finally:
         trainer._loss_share = 1.0
-    merge_chunk_metrics(trainer, before, shares)
     if not logits:
         return loss, None, None
     if isinstance(logits[0], (tuple, list)):

@@ -118,7 +118,7 @@ class RewardModelScorer:
 
     The one reward-model wrapper: `labelers.RewardModelLabeler` (an RM dir given as a labeler),
     `annotate/get_rewards.py --reward_model_path`, `judges.RewardModelJudge` (eval_winrate.py) and PPO's
-    `ppo.ModelReward` score through it. The model is frozen (no gradients, eval mode).
+    `rlhfkit.rl.rewards.ModelReward` score through it. The model is frozen (no gradients, eval mode).
 
     `device`: where the model goes (None: where it was loaded). `accelerator`: with several processes each scores a
     disjoint share and all receive all scores. `progress`: a progress bar (None: when there are more than four

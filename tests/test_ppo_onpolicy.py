@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import ppo_train
-from rlhfkit.rl import ppo
+from rlhfkit.rl import config, networks, rollout
 from rlhfkit.cli import parse_args
 from rlhfkit.sampling import checkpoint_processor_settings, generate_batch, render_generation_prompt
 
@@ -171,9 +171,9 @@ def test_ppo_rollouts_are_on_policy_from_a_penalised_checkpoint(penalised_checkp
     model = AutoModelForCausalLM.from_pretrained(penalised_checkpoint).eval()
     tokenizer = AutoTokenizer.from_pretrained(penalised_checkpoint)
     rows = [{"id": str(i), "prompt": p} for i, p in enumerate(PROMPTS)]
-    args = ppo.PPOConfig(output_dir="unused", rollout_batch_size=4, num_samples_per_prompt=4,
+    args = config.PPOConfig(output_dir="unused", rollout_batch_size=4, num_samples_per_prompt=4,
                          per_device_train_batch_size=4, max_new_tokens=16)
-    batch = ppo.rollout(model, tokenizer, rows, [render_generation_prompt(tokenizer, p) for p in PROMPTS],
+    batch = rollout.rollout(model, tokenizer, rows, [render_generation_prompt(tokenizer, p) for p in PROMPTS],
                         [0, 1, 2, 3], args, [tokenizer.eos_token_id], "cpu")
     sampled = batch.responses[batch.mask.bool()]
     assert torch.isin(sampled, torch.tensor(frequent_tokens)).float().mean() > 0.1
@@ -193,8 +193,8 @@ def test_ppo_rollouts_are_on_policy_from_a_penalised_checkpoint(penalised_checkp
                   num_samples_per_prompt=2, advantage_estimator="rloo")
     assert history(out)[0]["rollout/sampler_logprob_gap"] < 1e-4
     assert json.loads((out / "run_info.json").read_text())["suppressed_token_ids"] == sorted(frequent_tokens)
-    batch = ppo.rollout(model, tokenizer, rows, [render_generation_prompt(tokenizer, p) for p in PROMPTS],
-                        [0, 1, 2, 3], ppo.PPOConfig(output_dir="unused", rollout_batch_size=4, num_samples_per_prompt=4,
+    batch = rollout.rollout(model, tokenizer, rows, [render_generation_prompt(tokenizer, p) for p in PROMPTS],
+                        [0, 1, 2, 3], config.PPOConfig(output_dir="unused", rollout_batch_size=4, num_samples_per_prompt=4,
                                                     per_device_train_batch_size=4, max_new_tokens=16,
                                                     suppress_tokens=[str(t) for t in frequent_tokens]),
                         [tokenizer.eos_token_id], "cpu")
@@ -228,8 +228,8 @@ def test_unknown_suppressed_token_is_one_line_error(raw_policy):
 
     _, tokenizer = raw_policy
     with pytest.raises(UserError, match="not one token"):
-        ppo.suppressed_token_ids(tokenizer, ["definitely not a token"])
-    assert ppo.suppressed_token_ids(tokenizer, ["<|im_start|>", "5"]) == sorted(
+        networks.suppressed_token_ids(tokenizer, ["definitely not a token"])
+    assert networks.suppressed_token_ids(tokenizer, ["<|im_start|>", "5"]) == sorted(
         [tokenizer.convert_tokens_to_ids("<|im_start|>"), 5])
 
 

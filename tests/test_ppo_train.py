@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ppo_train
-from rlhfkit.rl import ppo
+from rlhfkit.rl import ppo, rewards, rollout, scoring
 from rlhfkit.args import ModelArguments
 from rlhfkit.builtin_models import materialize, train_tiny_tokenizer
 from rlhfkit.checkpoints import StageOutput
@@ -186,6 +186,19 @@ def test_other_critic_free_estimators_run(workdir, prompts_file, estimator):
               kl_estimator="k3", missing_eos_penalty=1.0, reward_clip=5.0)
     rows = history(out)
     assert len(rows) == 2 and all(math.isfinite(row["policy/kl_loss"]) for row in rows)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["pairwise_forward"] == {"policy": "prefix_shared", "reference": "prefix_shared"}
+    if estimator == "grpo":  # the same run through padded rows: the same losses, KL and weights
+        padded = run(workdir / "grpo_padded", "--dataset_path", prompts_file, reward_fn=REWARD_FN,
+                     advantage_estimator=estimator, num_samples_per_prompt=2, rollout_batch_size=2, kl_loss_coef=0.1,
+                     kl_estimator="k3", missing_eos_penalty=1.0, reward_clip=5.0, pairwise_forward="padded")
+        for shared_row, padded_row in zip(rows, history(padded)):
+            for key in ("policy/pg_loss", "policy/kl_loss", "policy/entropy", "kl/k1", "reward/raw"):
+                assert shared_row[key] == pytest.approx(padded_row[key], abs=1e-5), key
+        from safetensors.torch import load_file
+
+        ours, theirs = load_file(out / "model.safetensors"), load_file(padded / "model.safetensors")
+        assert max((ours[name] - theirs[name]).abs().max().item() for name in ours) < 1e-5
 
 
 def test_rollout_layout_and_reward_position(monkeypatch):
@@ -205,7 +218,7 @@ def test_rollout_layout_and_reward_position(monkeypatch):
     rows = [{"id": str(i), "prompt": [{"role": "user", "content": text}]} for i, text in enumerate("xy")]
     args = ppo_train.PPOConfig(output_dir="unused", rollout_batch_size=2, per_device_train_batch_size=2,
                                max_new_tokens=4)
-    batch = ppo.rollout(None, tokenizer, rows, [[1, 2, 3], [4, 5]], [0, 1], args, [eos], "cpu")
+    batch = rollout.rollout(None, tokenizer, rows, [[1, 2, 3], [4, 5]], [0, 1], args, [eos], "cpu")
     assert batch.input_ids.tolist() == [[1, 2, 3, 10, 11, eos, pad], [pad, 4, 5, 12, 13, 14, 15]]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1, 1]]
     assert batch.position_ids[1, 1:].tolist() == [0, 1, 2, 3, 4, 5]  # positions skip the left padding
@@ -252,7 +265,7 @@ def test_value_model_starts_from_the_reward_model(workdir, prompts_file, same_to
 def test_reward_model_with_another_tokenizer_scores_the_rerendered_conversation(workdir, other_tokenizer_rm):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    reward = ppo.ModelReward(other_tokenizer_rm, ModelArguments(model_name_or_path="unused"))
+    reward = rewards.ModelReward(other_tokenizer_rm, ModelArguments(model_name_or_path="unused"))
     prompts = [[{"role": "user", "content": "describe a cat"}], [{"role": "user", "content": "write a poem"}]]
     responses = ["a warm happy cat", "the sea is dark"]
     scores = reward(prompts, responses)
@@ -448,11 +461,11 @@ def test_bad_reward_functions(workdir, prompts_file):
 
 
 def test_prompt_order_is_a_function_of_the_step():
-    first_pass = [i for step in range(3) for i in ppo.prompt_positions(step, 4, 12, seed=7)]
+    first_pass = [i for step in range(3) for i in rollout.prompt_positions(step, 4, 12, seed=7)]
     assert sorted(first_pass) == list(range(12))  # one pass visits every prompt once
-    assert ppo.prompt_positions(5, 4, 12, seed=7) == ppo.prompt_positions(5, 4, 12, seed=7)
-    assert ppo.prompt_positions(3, 4, 12, seed=7) != ppo.prompt_positions(0, 4, 12, seed=7)
-    assert len(ppo.prompt_positions(0, 5, 3, seed=0)) == 5  # fewer prompts than a step needs: wraps
+    assert rollout.prompt_positions(5, 4, 12, seed=7) == rollout.prompt_positions(5, 4, 12, seed=7)
+    assert rollout.prompt_positions(3, 4, 12, seed=7) != rollout.prompt_positions(0, 4, 12, seed=7)
+    assert len(rollout.prompt_positions(0, 5, 3, seed=0)) == 5  # fewer prompts than a step needs: wraps
 
 
 _CALLS = {"n": 0}
@@ -546,24 +559,89 @@ def test_exact_answer_needs_the_answer_column(workdir, prompts_file):
 
 
 def test_dynamic_sampling_draws_fresh_prompts_and_concatenates_rollouts():
-    used = set(ppo.prompt_positions(3, 4, 10, seed=0))
-    extra = ppo.draw_positions(3, 1, 4, 10, 0, used)
-    assert not used & set(extra) and extra == ppo.draw_positions(3, 1, 4, 10, 0, used)
-    assert ppo.draw_positions(3, 0, 4, 10, 0, set()) == ppo.prompt_positions(3, 4, 10, seed=0)
+    used = set(rollout.prompt_positions(3, 4, 10, seed=0))
+    extra = scoring.draw_positions(3, 1, 4, 10, 0, used)
+    assert not used & set(extra) and extra == scoring.draw_positions(3, 1, 4, 10, 0, used)
+    assert scoring.draw_positions(3, 0, 4, 10, 0, set()) == rollout.prompt_positions(3, 4, 10, seed=0)
 
-    def rollout(prompt_len, width, fill):
+    def make_rollout(prompt_len, width, fill):
         responses = torch.full((2, width), fill)
         mask = torch.ones(2, width)
         mask[1, -1] = 0
         attention = torch.cat([torch.ones(2, prompt_len, dtype=torch.long), mask.long()], dim=1)
-        return ppo.Rollout(prompts=[[{"role": "user", "content": str(fill)}]] * 2, texts=[str(fill)] * 2,
-                           input_ids=torch.cat([torch.full((2, prompt_len), 7), responses], dim=1),
-                           attention_mask=attention, position_ids=ppo.positions_from_mask(attention),
-                           responses=responses, mask=mask, has_stop=torch.tensor([True, False]),
-                           sample_logprobs=-mask)
+        return rollout.Rollout(prompts=[[{"role": "user", "content": str(fill)}]] * 2, texts=[str(fill)] * 2,
+                               input_ids=torch.cat([torch.full((2, prompt_len), 7), responses], dim=1),
+                               attention_mask=attention, position_ids=rollout.positions_from_mask(attention),
+                               responses=responses, mask=mask, has_stop=torch.tensor([True, False]),
+                               sample_logprobs=-mask)
 
-    merged = ppo.concat_rollouts([rollout(3, 2, 5), rollout(1, 4, 6)], [(1, 0), (0, 1)], pad_id=0)
+    merged = rollout.concat_rollouts([make_rollout(3, 2, 5), make_rollout(1, 4, 6)], [(1, 0), (0, 1)], pad_id=0)
     assert merged.input_ids.tolist() == [[0, 0, 7, 6, 6, 6, 6], [7, 7, 7, 5, 5, 0, 0]]  # prompts left, responses right
     assert merged.mask.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
     assert merged.position_ids[0].tolist()[2:] == [0, 1, 2, 3, 4] and merged.has_stop.tolist() == [True, False]
     assert merged.texts == ["6", "5"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the prefix-shared log-prob forward (--pairwise_forward) equals the padded one
+# ---------------------------------------------------------------------------------------------------------------
+def _grouped_rollout(tokenizer, k=3):
+    """Two prompts × k samples of different lengths, one without a stop token, laid out as `rollout.rollout` does."""
+    from rlhfkit.sampling import build_prompt_batch
+
+    eos = tokenizer.eos_token_id
+    prompts = [[5, 9, 13, 21, 7, 30], [5, 9, 40]]
+    responses = [[11, 12, eos], [11, 17, 18, 19, eos], [22, 23, 24, 25, 26, 27], [31, eos], [32, 33, eos], [31, 34]]
+    width = max(len(r) for r in responses)
+    query = build_prompt_batch([p for p in prompts for _ in range(k)], pad_id=0)
+    padded = torch.zeros(len(responses), width, dtype=torch.long)
+    mask = torch.zeros(len(responses), width)
+    for row, tokens in enumerate(responses):
+        padded[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+    attention = torch.cat([query["attention_mask"], mask.long()], dim=1)
+    return rollout.Rollout(
+        prompts=[[{"role": "user", "content": str(i)}] for i in range(2) for _ in range(k)], texts=[""] * 6,
+        input_ids=torch.cat([query["input_ids"], padded], dim=1), attention_mask=attention,
+        position_ids=rollout.positions_from_mask(attention), responses=padded, mask=mask,
+        has_stop=torch.tensor([True, True, False, True, True, False]), sample_logprobs=torch.zeros_like(mask))
+
+
+def test_prefix_shared_ppo_forward_equals_padded_with_grad_entropy_suppression_and_lora(tiny_llama_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhfkit import pairwise
+    from rlhfkit.rl import networks
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    policy = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = networks.PolicyAndValue(policy, None, suppressed_tokens=[3, 4])
+    batch = _grouped_rollout(tokenizer)
+    plan = rollout.response_plan(batch, slice(0, 6), "prefix_shared")
+    assert plan.computed_tokens < int(batch.attention_mask.sum())  # each prompt computed once for its 3 samples
+    assert pairwise.choose_layout(policy, "auto") == "prefix_shared"
+    mask = batch.mask
+    results = {}
+    for layout in ("padded", "prefix_shared"):
+        model.zero_grad()
+        rows = torch.tensor([4, 0, 2, 1, 5, 3])  # a shuffled minibatch, as ppo_update takes them
+        logprobs, entropy, _ = rollout.policy_forward(model, batch, rows, 0.7, layout, entropy=True)
+        ((logprobs * mask[rows]).sum() + (entropy * mask[rows]).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            reference = rollout.reference_logprobs(None, policy, batch, 4, 0.7, [3, 4], layout)
+        results[layout] = (logprobs.detach() * mask[rows], entropy.detach() * mask[rows], grads, reference * mask)
+    for padded, shared in zip(results["padded"][:2], results["prefix_shared"][:2]):
+        torch.testing.assert_close(shared, padded, atol=1e-5, rtol=1e-5)
+    assert results["padded"][2].keys() == results["prefix_shared"][2].keys() and results["padded"][2]
+    for name, grad in results["padded"][2].items():
+        torch.testing.assert_close(results["prefix_shared"][2][name], grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results["prefix_shared"][3], results["padded"][3], atol=1e-5, rtol=1e-5)
+    # the suppression took effect (the same forward without it gives other log-probs), and entropies are finite
+    with torch.no_grad():
+        unsuppressed = rollout.reference_logprobs(None, policy, batch, 4, 0.7, [], "prefix_shared") * mask
+    assert (unsuppressed - results["prefix_shared"][3]).abs().max() > 1e-4
+    assert torch.isfinite(results["prefix_shared"][1]).all() and torch.isfinite(results["padded"][1]).all()

@@ -131,7 +131,7 @@ def history(out_dir) -> list[dict]:
 
 @pytest.mark.slow
 def test_ppo_gae_with_vllm_rollouts(workdir, tiny_policy, prompts_file):
-    out = run(workdir / "gae", tiny_policy, prompts_file, advantage_estimator="gae")
+    out = run(workdir / "gae", tiny_policy, prompts_file, advantage_estimator="gae", eval_dataset_path=prompts_file)
     rows = history(out)
     assert [row["step"] for row in rows] == [1, 2]
     for row in rows:  # the engine held the updated policy after every step, and sampled what the loss models
@@ -141,6 +141,17 @@ def test_ppo_gae_with_vllm_rollouts(workdir, tiny_policy, prompts_file):
     info = json.loads((out / "run_info.json").read_text())
     assert info["rollouts"]["backend"] == "vllm" and info["rollouts"]["sync_tolerance"] == 1e-3
     assert (out / "model.safetensors").is_file()
+    # the held-out answers came from the engine, after the last sync: our greedy decoding of the saved policy agrees
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhfkit.sampling import generate_batch, stop_token_ids
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    after = [json.loads(line) for line in (out / "eval_after.jsonl").read_text().splitlines()]
+    ours = generate_batch(model, tokenizer, [[{"role": "user", "content": text}] for text in PROMPTS], n=1,
+                          max_new_tokens=8, temperature=0.0, top_p=1.0, seed=0,
+                          stop_ids=stop_token_ids(tokenizer, model))
+    assert [record["response"] for record in after] == [samples[0]["text"] for samples in ours]
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 model (pm_train.py) and a process reward model (prm_train.py). `ppo_train.py --reward_model_path DIR` picks the
 kind from the checkpoint's run_info.json (`--reward_model_type auto`) or from the flag (`rm | pm | prm`).
 
-Both are callables `(prompts, responses) -> list[float]` (the interface ppo.score calls) and accept
+Both are callables `(prompts, responses) -> list[float]` (the interface `rlhfkit.rl.scoring.score` calls) and accept
 `rlhfkit.rl.rewards.RewardInputs` too (the reward-source interface, `source(inputs)`), with `name`, `stats = None`
 (their scores are not Bradley-Terry rewards with a training mean/std) and `describe()`.
 

@@ -1,6 +1,6 @@
 """What an RL run did, from its output dir alone: held-out scores before and after training with their bootstrap
 intervals (`metrics.json` "eval", written by `ppo_train.py --eval_dataset_path`), and the per-step curves of the
-rewards and the KL to the reference (`log_history.jsonl`) as a table and `curves.png`.
+rewards and the KL to the reference (`log_history.jsonl`, `rlhfkit.checkpoints.LOG_HISTORY`) as a table and `curves.png`.
 
     python -m rlhfkit.rl.report runs/rlvr/grpo [--require_improvement exact_answer]
 
@@ -14,6 +14,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from rlhfkit.checkpoints import read_log_history
 
 CURVES = ("reward/raw", "kl/k1", "kl/k3", "response/length", "sampling/zero_std_fraction")
 
@@ -83,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {run}: no metrics.json (not a finished ppo_train.py run)", file=sys.stderr)
         return 2
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
-    history = [json.loads(line) for line in (run / "log_history.jsonl").read_text(encoding="utf-8").splitlines()
-               if line.strip()]
+    history = read_log_history(run)
     lines = summary_lines(metrics, history)
     if history and plot_curves(history, run / "curves.png"):
         lines.append(f"\ncurves: {run / 'curves.png'}")

@@ -13,8 +13,9 @@ Kinds (the question, then what the answer is):
 - `mul`: "What is a * b?" with a one-digit and b two-digit number; a·b.
 - `count`: "How many times does the word 'w' appear in: …?" in a list of 5–9 short words; the count.
 - `mixed`: each problem one of the above, chosen at random.
-SmolLM2-135M-Instruct, greedy, 48 new tokens, solves `add` about half the time, `mul` rarely and `count` about a
-third of the time (README, "Reinforcement learning with a verifiable reward": measured, not assumed).
+SmolLM2-135M-Instruct, greedy, solves `add` 18.5% of the time within 32 new tokens (200 problems; 33% of 40
+within 48, where fewer answers are cut off), so GRPO has signal (README, "Reinforcement learning with a verifiable
+reward": measured, not assumed); the other kinds are not measured.
 """
 
 from __future__ import annotations

@@ -313,15 +313,18 @@ class VLLMRollout:
                 "time/vllm_check_s": time.perf_counter() - pushed}
 
     # -------------------------------------------------------------------------------- sampling
-    def generate(self, prompt_ids: list[list[int]], prompt_seeds: list[int], n: int) -> list[dict]:
+    def generate(self, prompt_ids: list[list[int]], prompt_seeds: list[int], n: int,
+                 temperature: float | None = None) -> list[dict]:
         """`n` samples per prompt, prompt-major, as `rlhfkit.sampling.generate_batch` returns them flattened:
-        `{"text", "token_ids", "finished", "logprobs"}` (token_ids end at the first stop token)."""
+        `{"text", "token_ids", "finished", "logprobs"}` (token_ids end at the first stop token).
+        `temperature`: the rollouts' (`--temperature`) unless given; 0 is greedy (the held-out evaluation)."""
         from rlhfkit.sampling import truncate_at_stop
 
         args = self.args
+        temperature = args.temperature if temperature is None else temperature
         params = [
             self.vllm.SamplingParams(
-                n=n, temperature=args.temperature, top_p=1.0, top_k=0, min_p=0.0, max_tokens=args.max_new_tokens,
+                n=n, temperature=temperature, top_p=1.0, top_k=0, min_p=0.0, max_tokens=args.max_new_tokens,
                 seed=int(seed), stop_token_ids=self.stop_ids, logprobs=0, allowed_token_ids=self.allowed,
                 detokenize=False,
             )
