@@ -239,11 +239,12 @@ def main(script_args: ScriptArguments) -> dict:
     # ---------------------------------------------------------------- model & tokenizer (the judge)
     run_info: dict = {}
     if script_args.reward_model_path:
-        import torch
 
         from rlhfkit.scoring import RewardModelScorer
 
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[script_args.dtype]
+        from rlhfkit.models import torch_dtype
+
+        dtype = torch_dtype(script_args.dtype)
         scorer = RewardModelScorer(script_args.reward_model_path, script_args.batch_size, script_args.max_length,
                                    accelerator.device, chat_template=script_args.chat_template,
                                    accelerator=accelerator, dtype=dtype)

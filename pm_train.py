@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from rlhfkit.args import DataArguments, ModelArguments, TrainingDefaults
+from rlhfkit.args import DataArguments, ModelArguments, TrainingDefaults, check_pairwise_forward, pairwise_forward_field
 from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.errors import UserError
 
@@ -43,17 +43,11 @@ class ScriptArguments(DataArguments):
         metadata={"help": "The comparison template (a string with {context}, {response_A}, {response_B}); default: "
                   "RLHFlow pair-pm's '[CONTEXT] {context} [RESPONSE A] {response_A} [RESPONSE B] {response_B} \\n'."},
     )
-    pairwise_forward: str = field(
-        default="auto", metadata={"help": "prefix_shared (the two orders share their prefix) | packed | padded | auto."}
-    )
+    pairwise_forward: str = pairwise_forward_field()
 
     def __post_init__(self):
-        from rlhfkit.pairwise import PAIRWISE_FORWARDS
-
         DataArguments.__post_init__(self)
-        if self.pairwise_forward not in PAIRWISE_FORWARDS:
-            raise ValueError(f"--pairwise_forward must be one of {', '.join(PAIRWISE_FORWARDS)}, "
-                             f"not '{self.pairwise_forward}'")
+        check_pairwise_forward(self.pairwise_forward)
 
 
 @dataclass

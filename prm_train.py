@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from rlhfkit.args import DataArguments, ModelArguments, TrainingDefaults
+from rlhfkit.args import DataArguments, ModelArguments, TrainingDefaults, check_pairwise_forward, pairwise_forward_field
 from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.errors import UserError
 
@@ -38,18 +38,13 @@ logger = logging.getLogger("prm_train")
 class ScriptArguments(DataArguments):
     step_separator: str = field(default="\n", metadata={"help": "Text after every step (TRL's default, a newline); "
                                 "the score of a step is read at its last token."})
-    pairwise_forward: str = field(default="auto", metadata={"help": "prefix_shared | packed | padded | auto (each "
-                                  "row is one sequence; the layout packs rows without padding)."})
+    pairwise_forward: str = pairwise_forward_field()
 
     def __post_init__(self):
-        from rlhfkit.pairwise import PAIRWISE_FORWARDS
-
         DataArguments.__post_init__(self)
         if not self.step_separator:
             raise ValueError("--step_separator must not be empty")
-        if self.pairwise_forward not in PAIRWISE_FORWARDS:
-            raise ValueError(f"--pairwise_forward must be one of {', '.join(PAIRWISE_FORWARDS)}, "
-                             f"not '{self.pairwise_forward}'")
+        check_pairwise_forward(self.pairwise_forward)
 
 
 @dataclass

@@ -67,6 +67,8 @@ class ScriptArguments(PairwiseArguments, DataArguments):
 class RMArguments(TrainingDefaults, RewardConfig):
     """TRL's RewardConfig with this toolkit's defaults (rlhfkit.args.TrainingDefaults)."""
 
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept off: the collators read our columns."})
+
 
 def tokenize_rows(rows: list[dict], tokenizer, max_length: int | None, truncation: str, source_index: dict | None):
     """Pre-tokenised records for the trainer, plus counts of truncated and dropped pairs."""

@@ -72,7 +72,7 @@ def worker(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from rlhfkit.models import load_causal_lm, load_tokenizer, resolve_model
+    from rlhfkit.models import load_causal_lm, load_tokenizer, resolve_model, torch_dtype
     from rlhfkit.prompts import load_prompts
     from rlhfkit.sampling import build_message_batch, generate_batch, stop_token_ids, truncate_at_stop
 
@@ -96,12 +96,11 @@ def worker(args) -> dict:
     if args.variant == "vllm":
         return {"vllm": vllm_worker(args, path, prompts, stop_token_ids, truncate_at_stop)}
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}
     tokenizer = load_tokenizer(path, padding_side="left")
-    model = load_causal_lm(path, dtype=dtypes[args.dtype]).eval()
+    model = load_causal_lm(path, dtype=torch_dtype(args.dtype)).eval()
     ours = model
     if args.ours_dtype and args.ours_dtype != args.dtype:
-        ours = load_causal_lm(path, dtype=dtypes[args.ours_dtype]).eval()
+        ours = load_causal_lm(path, dtype=torch_dtype(args.ours_dtype)).eval()
     stops = stop_token_ids(tokenizer, model)
     messages = [row["prompt"] for row in prompts]
     names = [name for name in ("baseline", "sampling") if name in args.variant.split(",")]

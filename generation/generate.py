@@ -202,7 +202,7 @@ def main(args: ScriptArguments) -> dict | None:
     # ---------------------------------------------------------------- setup
     from rlhfkit.distributed import partial_state
 
-    from rlhfkit.models import load_causal_lm, load_tokenizer, resolve_model
+    from rlhfkit.models import load_causal_lm, load_tokenizer, resolve_model, torch_dtype
     from rlhfkit.prompts import load_prompts
     from rlhfkit.sampling import (checkpoint_processor_settings, derive_seed, generate_batch,
                                   render_generation_prompt, stop_token_ids)
@@ -283,7 +283,7 @@ def main(args: ScriptArguments) -> dict | None:
             if args.checkpoint_processors:
                 processors = checkpoint_processor_settings(generation_config)
         else:
-            model = load_causal_lm(model_path, dtype=_dtype(args.dtype), trust_remote_code=args.trust_remote_code)
+            model = load_causal_lm(model_path, dtype=torch_dtype(args.dtype), trust_remote_code=args.trust_remote_code)
             model.to(state.device).eval()
             stop_ids = stop_token_ids(tokenizer, model)
             if args.checkpoint_processors:
@@ -425,12 +425,6 @@ def _generation_config(model_path: str):
         return GenerationConfig.from_pretrained(model_path)
     except (OSError, ValueError):
         return None
-
-
-def _dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[name]
 
 
 if __name__ == "__main__":

@@ -121,16 +121,26 @@ class TrainingDefaults:
         require_reporters(self.report_to)
 
 
+def pairwise_forward_field():
+    """`--pairwise_forward`, one flag for one concept in every stage that lays out sequences sharing a prompt
+    (rm, dpo, pm, prm, ppo): its help is `rlhfkit.pairwise.PAIRWISE_FORWARD_HELP`."""
+    from .pairwise import PAIRWISE_FORWARD_HELP
+
+    return field(default="auto", metadata={"help": PAIRWISE_FORWARD_HELP})
+
+
+def check_pairwise_forward(value: str) -> None:
+    from .pairwise import PAIRWISE_FORWARDS
+
+    if value not in PAIRWISE_FORWARDS:
+        raise ValueError(f"--pairwise_forward must be one of {', '.join(PAIRWISE_FORWARDS)}, not '{value}'")
+
+
 @dataclass
 class PairwiseArguments:
     """How pairs are laid out for the forward (rm_train.py, dpo_train.py; see rlhfkit/pairwise.py)."""
 
-    pairwise_forward: str = field(
-        default="auto",
-        metadata={"help": "prefix_shared: each pair's prompt computed once, pairs packed without padding (decoders); "
-                  "packed: no padding, no sharing (encoders); padded: TRL's layout; auto: the fastest exact one for "
-                  "the model."},
-    )
+    pairwise_forward: str = pairwise_forward_field()
     max_tokens_per_batch: int | None = field(
         default=None,
         metadata={"help": "Split each batch into micro-batches of at most this many laid-out tokens (dynamic batch "
@@ -138,10 +148,6 @@ class PairwiseArguments:
     )
 
     def __post_init__(self):
-        from .pairwise import PAIRWISE_FORWARDS
-
-        if self.pairwise_forward not in PAIRWISE_FORWARDS:
-            raise ValueError(f"--pairwise_forward must be one of {', '.join(PAIRWISE_FORWARDS)}, "
-                             f"not '{self.pairwise_forward}'")
+        check_pairwise_forward(self.pairwise_forward)
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
             raise ValueError("--max_tokens_per_batch must be a positive number of tokens")

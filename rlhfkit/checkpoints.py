@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 RUN_INFO = "run_info.json"
 METRICS = "metrics.json"
 ARGS_FILE = "args.yaml"
-LOG_HISTORY = "log_history.json"
+LOG_HISTORY = "log_history.jsonl"  # every logged step, one JSON object a line: Trainer stages and PPO
 INCOMPLETE_MARKER = "INCOMPLETE"
 CHECKPOINTS_SUBDIR = "checkpoints"
 PARTIAL_SUFFIX = ".partial"
@@ -69,6 +69,28 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
         json.dump(payload, handle, indent=2, sort_keys=False, default=str)
         handle.write("\n")
     os.replace(tmp, path)
+
+
+def write_log_history(out_dir: str | os.PathLike, entries: list[dict]) -> None:
+    """`OUT/log_history.jsonl`, written whole and atomically (`read_log_history` reads it back)."""
+    write_text_atomic(Path(out_dir) / LOG_HISTORY, "".join(json.dumps(entry) + "\n" for entry in entries))
+
+
+def read_log_history(out_dir: str | os.PathLike) -> list[dict]:
+    """The entries of `OUT/log_history.jsonl` ([] when there is none); a torn last line (a run killed while
+    appending) is skipped."""
+    path = Path(out_dir) / LOG_HISTORY
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -688,5 +710,5 @@ def save_final_model(trainer, out_dir: str | os.PathLike, tokenizer=None, merge_
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
         # every logged step (train and eval), for curves and reports; Trainer keeps it only in checkpoints
-        write_json_atomic(Path(out_dir) / LOG_HISTORY, trainer.state.log_history)
+        write_log_history(out_dir, trainer.state.log_history)
     accelerator.wait_for_everyone()

@@ -204,6 +204,7 @@ STAGE_SAFE_CHANGES: dict[str, dict[str, str]] = {
 IMPLIED = frozenset({"output_dir", "resume_from_checkpoint", "overwrite_output_dir", "local_rank"})
 IDENTITY_FIELDS = ("dataset", "model", "tokenizer", "num_processes", "toolkit_version")  # besides the arguments
 IDENTITY_FILE = "run_identity.json"
+# (log_history.json: what our Trainer stages wrote before log_history.jsonl, so older parents fingerprint the same)
 _METADATA_FILES = frozenset({"run_info.json", "metrics.json", "args.yaml", "log_history.json", "log_history.jsonl",
                              "README.md", CHECKSUMS, "LOCK", "INCOMPLETE", "training_args.bin"})
 _SMALL = 64 << 20  # files below this without a recorded digest are hashed for the model fingerprint

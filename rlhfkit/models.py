@@ -98,7 +98,9 @@ def ensure_pad_token(tokenizer, model=None) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # model kwargs, LoRA, QLoRA
 # ---------------------------------------------------------------------------------------------------------------
-def _torch_dtype(name: str):
+def torch_dtype(name: str):
+    """A `--dtype` flag's value → what `from_pretrained(dtype=…)` takes: float32 | bfloat16 | float16 → the torch
+    dtype, auto → "auto" (the checkpoint's own). The one place the names are mapped."""
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[name]
@@ -108,7 +110,7 @@ def model_init_kwargs(model_args, trust_remote_code: bool = False) -> dict:
     """from_pretrained kwargs, refusing GPU-only options on a machine that cannot honour them."""
     from .cli import require, require_cuda
 
-    kwargs: dict[str, Any] = {"dtype": _torch_dtype(model_args.dtype), "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(model_args.dtype), "trust_remote_code": trust_remote_code}
     if model_args.attn_implementation.startswith("flash_attention"):
         require("flash_attn", f"--attn_implementation {model_args.attn_implementation}", extra="flash-attn")
         require_cuda(f"--attn_implementation {model_args.attn_implementation}")

@@ -69,22 +69,24 @@ def test_summarize_numbers_by_hand():
 # readers
 # ---------------------------------------------------------------------------------------------------------------
 def test_read_log_history_from_the_places_stages_leave_it(tmp_path):
+    from rlhfkit.checkpoints import write_log_history
+
     entries = [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.5}]
-    for layout in ("log_history.json", "trainer_state.json", "metrics.json", "checkpoint"):
+    for layout in ("ours", "trainer_state.json", "checkpoint"):
         stage = tmp_path / layout.replace(".", "_")
         stage.mkdir()
-        if layout == "log_history.json":
-            (stage / layout).write_text(json.dumps(entries))
-        elif layout == "checkpoint":
-            for step, loss in ((1, [entries[0]]), (10, entries)):
+        if layout == "ours":  # every stage of ours (Trainer stages and PPO)
+            write_log_history(stage, entries)
+        elif layout == "checkpoint":  # a run stopped early: the newest checkpoint's
+            for step, loss in ((1, [entries[0]]), (10, entries), (2, [entries[1]])):
                 folder = stage / "checkpoints" / f"checkpoint-{step}"
                 folder.mkdir(parents=True)
                 (folder / "trainer_state.json").write_text(json.dumps({"log_history": loss}))
-        else:
+        else:  # a Hugging Face Trainer output dir of another tool
             (stage / layout).write_text(json.dumps({"log_history": entries}))
         assert report.read_log_history(stage) == entries, layout
     jsonl = tmp_path / "ppo"
-    jsonl.mkdir()
+    jsonl.mkdir()  # PPO appends a line per step; a torn line (killed while appending) is skipped
     (jsonl / "log_history.jsonl").write_text('{"step": 1, "kl": 0.1}\nnot json\n{"step": 2, "kl": 0.3}\n')
     assert [e["kl"] for e in report.read_log_history(jsonl)] == [0.1, 0.3]
     assert report.read_log_history(tmp_path / "nothing") == []
@@ -168,8 +170,8 @@ def models(tmp_path_factory):
         policy.lm_head.weight.add_(0.5 * torch.randn_like(policy.lm_head.weight))
     policy.save_pretrained(root / "dpo")
     tokenizer.save_pretrained(root / "dpo")
-    (root / "dpo" / "log_history.json").write_text(json.dumps(
-        [{"step": s, "loss": 0.7 - 0.05 * s, "rewards/accuracies": 0.5 + 0.04 * s} for s in range(1, 6)]))
+    (root / "dpo" / "log_history.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in (
+        [{"step": s, "loss": 0.7 - 0.05 * s, "rewards/accuracies": 0.5 + 0.04 * s} for s in range(1, 6)])))
     (root / "dpo" / "run_info.json").write_text(json.dumps({"stage": "dpo", "complete": True}))
     rm = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(reference, num_labels=1))
     rm.save_pretrained(root / "rm")

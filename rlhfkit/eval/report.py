@@ -154,42 +154,22 @@ def _read_json(path: Path) -> Any:
 
 
 def read_log_history(stage_dir: str | os.PathLike) -> list[dict]:
-    """The training log of a stage output: the first of these that exists and is non-empty.
+    """The training log of a stage output: our stages' `log_history.jsonl` (`rlhfkit.checkpoints.LOG_HISTORY`),
+    else a Hugging Face Trainer's `trainer_state.json` (an output of another tool), else the newest
+    `checkpoints/checkpoint-N/trainer_state.json` (a run that stopped before the end)."""
+    from rlhfkit.checkpoints import read_log_history as read_ours
 
-    `log_history.json` / `log_history.jsonl` (what our stages save), `trainer_state.json` (HF Trainer), the
-    `log_history` key of metrics.json or run_info.json, the newest `checkpoints/checkpoint-N/trainer_state.json`.
-    """
     stage_dir = Path(stage_dir)
-    candidates: list[Any] = []
-    for name in ("log_history.json", "trainer_state.json"):
-        payload = _read_json(stage_dir / name)
-        candidates.append(payload.get("log_history") if isinstance(payload, dict) else payload)
-    for name in ("log_history.jsonl", "train_log.jsonl", "log.jsonl"):
-        file = stage_dir / name
-        if file.is_file():
-            entries = []
-            for line in file.read_text(encoding="utf-8").splitlines():
-                try:
-                    entries.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-            candidates.append(entries)
-    for name in ("metrics.json", "run_info.json"):
-        payload = _read_json(stage_dir / name)
-        if isinstance(payload, dict):
-            candidates.append(payload.get("log_history"))
-            if isinstance(payload.get("metrics"), dict):
-                candidates.append(payload["metrics"].get("log_history"))
-    checkpoints = sorted(
-        glob.glob(str(stage_dir / "checkpoints" / "checkpoint-*" / "trainer_state.json")),
-        key=lambda p: int(re.search(r"checkpoint-(\d+)", p).group(1)),
-    )
-    if checkpoints:
-        payload = _read_json(Path(checkpoints[-1]))
-        candidates.append(payload.get("log_history") if isinstance(payload, dict) else None)
-    for entries in candidates:
-        if isinstance(entries, list) and any(isinstance(e, dict) for e in entries):
-            return [e for e in entries if isinstance(e, dict)]
+    entries = read_ours(stage_dir)
+    if entries:
+        return entries
+    checkpoints = sorted(glob.glob(str(stage_dir / "checkpoints" / "checkpoint-*" / "trainer_state.json")),
+                         key=lambda p: int(re.search(r"checkpoint-(\d+)", p).group(1)))
+    for state in [stage_dir / "trainer_state.json", *map(Path, reversed(checkpoints))]:
+        payload = _read_json(state)
+        history = payload.get("log_history") if isinstance(payload, dict) else None
+        if isinstance(history, list) and any(isinstance(e, dict) for e in history):
+            return [e for e in history if isinstance(e, dict)]
     return []
 
 

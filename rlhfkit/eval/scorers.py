@@ -14,13 +14,12 @@ from __future__ import annotations
 
 
 def load(args, accelerator):
-    import torch
 
-    from rlhfkit.models import resolve_model
+    from rlhfkit.models import resolve_model, torch_dtype
     from rlhfkit.preference_model import is_preference_model
     from rlhfkit.process_reward import is_process_reward_model
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     if is_process_reward_model(args.reward_model_path):  # prm_train.py output
         from rlhfkit.eval import prm
 

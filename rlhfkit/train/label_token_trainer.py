@@ -79,10 +79,6 @@ class LabelTokenTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._stats = {"train": defaultdict(list), "eval": defaultdict(list)}
 
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            self._signature_columns = ["sequences", "positions", "targets"]
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         plan_ = pw.Plan.from_inputs(inputs)
         candidates = torch.tensor(self.candidates, device=inputs["lt_targets"].device)
@@ -92,7 +88,8 @@ class LabelTokenTrainer(Trainer):
         return (loss, {"p_target": p_target}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+        inputs = {key: value.to(self.args.device) if isinstance(value, torch.Tensor) else value
+                  for key, value in inputs.items()}
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import Trainer
 from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
@@ -86,6 +87,7 @@ class RewardModelTrainer(RewardTrainer):
         self.center_coefficient = center_coefficient
         self.eval_prefix = "eval_"  # rm_train.py switches it for the reward-statistics pass
         self._loss_share = 1.0
+        self.train_tokens = 0  # tokens of the training batches seen (logged as num_tokens)
         super().__init__(*args, **kwargs)
         if max_tokens_per_batch and self.is_deepspeed_enabled:
             raise ValueError("--max_tokens_per_batch is not supported under DeepSpeed yet (its engine steps the "
@@ -102,11 +104,6 @@ class RewardModelTrainer(RewardTrainer):
         if "pw_chunks" in inputs:
             return pw.predict_chunks(self, super().prediction_step, model, inputs, prediction_loss_only, ignore_keys)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            # `length` feeds `--train_sampling_strategy group_by_length` (batches of similar length, less padding)
-            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "source_index", "length"]
 
     # -- the pairwise forward -----------------------------------------------------------------------------------
     def pairwise_rewards(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +141,7 @@ class RewardModelTrainer(RewardTrainer):
             if mode == "train":
                 count = inputs["num_tokens"] if "num_tokens" in inputs else inputs["attention_mask"].sum()
                 tokens = self.accelerator.gather_for_metrics(count.reshape(1)).sum().item()
-                self._total_train_tokens += tokens
+                self.train_tokens += tokens
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
@@ -162,7 +159,8 @@ class RewardModelTrainer(RewardTrainer):
                 f"{prefix}pairs": n,
             })
             if mode == "train":
-                logs["num_tokens"] = self._total_train_tokens
+                logs["num_tokens"] = self.train_tokens
         counts.clear()
-        self._metrics[mode].clear()  # TRL's per-batch means are replaced by the exact counts above
-        super().log(logs, start_time)
+        # transformers' Trainer.log, not TRL's: TRL's adds the per-batch means its own compute_loss records, and
+        # that compute_loss never runs here (ours replaces it); the exact counts above are the metrics
+        Trainer.log(self, logs, start_time)
