@@ -260,7 +260,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
                             f"(--advantage_estimator {args.advantage_estimator}) uses the padded forward")
         layout = ref_layout = "padded"
     else:
-        from rlhfkit.pairwise import choose_layout
+        from rlhfkit.layout_check import choose_layout
 
         layout = choose_layout(policy, args.pairwise_forward)
         ref_layout = layout if ref_model is None else choose_layout(ref_model, args.pairwise_forward)

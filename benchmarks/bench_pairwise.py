@@ -10,7 +10,7 @@ together vs each response in its own padded row).
 `--family qwen3|gemma3` builds that architecture from a config at SmolLM2-135M's size (30 layers, width 576, 9 heads,
 3 KV heads, MLP 1536, SmolLM2's tokenizer and vocabulary; Gemma3 with its 5:1 sliding/global layers), random weights
 (timing only), so `auto` is shown choosing the layout by checking a model that is not Llama-shaped. The "ours" rows
-also report what that check cost (`rlhfkit.pairwise.check_layout`, run once before the first batch) against a
+also report what that check cost (`rlhfkit.layout_check.check_layout`, run once before the first batch) against a
 100-step run at the measured speed.
 
 Every run is its own process (peak RSS is per process); baseline and ours alternate (B, O, B, O, …) so a machine
@@ -169,11 +169,11 @@ def family_model(family: str, path: str, head: str):
 
 
 def timed_layout_check() -> dict:
-    """Wrap rlhfkit.pairwise.check_layout so the worker can report what choosing the layout cost."""
-    from rlhfkit import pairwise as pw
+    """Wrap rlhfkit.layout_check.check_layout so the worker can report what choosing the layout cost."""
+    from rlhfkit import layout_check
 
     spent = {"check_seconds": 0.0, "checks": 0}
-    check = pw.check_layout
+    check = layout_check.check_layout
 
     def timed(model, kind):
         start = time.perf_counter()
@@ -183,7 +183,7 @@ def timed_layout_check() -> dict:
             spent["check_seconds"] += time.perf_counter() - start
             spent["checks"] += 1
 
-    pw.check_layout = timed
+    layout_check.check_layout = timed
     return spent
 
 
@@ -256,7 +256,7 @@ def dpo_trainer(args, model, tokenizer, rows):
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from rlhfkit import pairwise as pw
+    from rlhfkit.layout_check import choose_layout
     from rlhfkit.train.dpo_trainer import PackedDPOTrainer, PackedPreferenceCollator
 
     config = _training_config(DPOConfig, args, precompute_ref_log_probs=True)
@@ -267,7 +267,7 @@ def dpo_trainer(args, model, tokenizer, rows):
     else:
         cls, extra = PackedDPOTrainer, {"pairwise_forward": "auto"}
         collator = PackedPreferenceCollator(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length,
-                                            kind=pw.choose_layout(model, "auto"))
+                                            kind=choose_layout(model, "auto"))
     # the constructor runs the reference precompute (forward only) through the same collator
     counter = Counter(collator, model, training=False, lm_head=True)
     trainer = cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
@@ -282,7 +282,8 @@ def annotate_worker(args, path, rows, tokenizer) -> dict:
     import torch
 
     from rlhfkit.models import ensure_pad_token
-    from rlhfkit.pairwise import batched_plans, choose_layout
+    from rlhfkit.layout_check import choose_layout
+    from rlhfkit.pairwise import batched_plans
     from rlhfkit.scoring import encode_conversations, prompt_groups, score_ids
 
     torch.manual_seed(args.seed)

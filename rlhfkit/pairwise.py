@@ -1,8 +1,10 @@
 """The one pairwise forward: packed, prefix-shared scoring of groups of sequences (pairs, K samples, candidates).
 
 Every stage that scores a pair or a group goes through here: rm_train.py (train and eval), dpo_train.py (policy and
-reference, precomputed or not), eval_benchmark.py (RM scores, DPO implicit rewards), annotate/get_rewards.py (K
-samples per prompt), the reward model inside ppo_train.py and eval_winrate.py's RM judge.
+reference, precomputed or not), pm_train.py and prm_train.py, eval_benchmark.py (RM scores, DPO implicit rewards),
+annotate/get_rewards.py (K samples per prompt), ppo_train.py (its reward model, and its own log-prob forwards over a
+prompt's K samples) and eval_winrate.py's RM judge. Choosing a layout for a model is `rlhfkit/layout_check.py`; the
+trainers' token-budget micro-batches are `rlhfkit/train/token_budget.py`.
 
 Layout (`--pairwise_forward prefix_shared`, the default for decoders). A group is sequences that share a prefix (a
 pair's prompt, a prompt's K samples). It is laid out once as
@@ -21,7 +23,7 @@ repeats its prompt and almost nothing is padding:
 Because attention is causal, the prefix's hidden states are exactly those each sequence would compute alone, and each
 suffix sees exactly its own sequence: results equal the padded forward up to float reduction order — provided the
 model takes the 4D mask and the position ids as given. That is checked on the loaded model, not assumed from its name
-(`choose_layout`): models that cannot hold it are refused before running (encoder–decoders, ALiBi, a forward without
+(`rlhfkit.layout_check.choose_layout`): models that cannot hold it are refused before running (encoder–decoders, ALiBi, a forward without
 `position_ids`: Falcon's reward model, Bloom, MPT), and before the first batch a small synthetic set of groups runs
 through the candidate layout and through each sequence alone, in the model's dtype; the fastest layout within the
 dtype's tolerance is kept (tests: every decoder family of the installed transformers, rewards and log-probs to 1e-4 in
@@ -67,24 +69,14 @@ PAIRWISE_FORWARD_HELP = (
 # absolute position ids (RoBERTa counts from padding_idx + 1).
 ENCODER_FIRST_TOKEN_MODULE = {"bert": "pooler", "roberta": "classifier", "xlm-roberta": "classifier",
                               "deberta": "pooler", "deberta-v2": "pooler"}
-_MASKABLE = ("sdpa", "eager", "flex_attention")
-_VARLEN = ("flash_attention_2", "flash_attention_3")
-# (atol, rtol) of the layout check per parameter dtype: |ours − per-sequence| ≤ atol + rtol·|per-sequence| for every
-# reward / token log-prob. fp32 is reduction-order noise (~1e-6 on 2-layer models); half precision keeps ~3 digits.
-# A wrong layout (a mask ignored, positions counted along the row) is off by the size of the values themselves.
-CHECK_TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float64: (1e-8, 1e-8), torch.float16: (2e-2, 2e-2),
-                   torch.bfloat16: (6e-2, 3e-2)}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# choosing the layout for a model: refuse what cannot hold, then check the candidate on the loaded model
-# ---------------------------------------------------------------------------------------------------------------
 def _config(model):
-    model = _unwrap(model)
+    model = unwrap(model)
     return model.config
 
 
-def _unwrap(model):
+def unwrap(model):
     for attr in ("module",):  # DDP / DeepSpeed engine
         while hasattr(model, attr) and isinstance(getattr(model, attr), torch.nn.Module):
             model = getattr(model, attr)
@@ -96,276 +88,6 @@ def _unwrap(model):
 def is_encoder(config) -> bool:
     return config.model_type in ENCODER_FIRST_TOKEN_MODULE or (
         not getattr(config, "is_decoder", True) and config.model_type in ("distilbert", "electra", "modernbert"))
-
-
-def _model_name(inner) -> str:
-    return f"{type(inner).__name__} ({inner.config.model_type})"
-
-
-def _uses_alibi(config) -> bool:
-    """ALiBi biases attention by distance computed from the 2D attention mask (`build_alibi_tensor`), not from
-    position ids: Bloom always, Falcon with `alibi=True`, MPT with `attn_config.alibi`."""
-    if config.model_type == "bloom" or getattr(config, "position_embedding_type", None) == "alibi":
-        return True
-    if getattr(config, "alibi", False) is True:
-        return True
-    attn_config = getattr(config, "attn_config", None)
-    alibi = attn_config.get("alibi") if isinstance(attn_config, dict) else getattr(attn_config, "alibi", False)
-    return bool(alibi)
-
-
-def _takes_position_ids(module) -> bool:
-    import inspect
-
-    return "position_ids" in inspect.signature(module.forward).parameters
-
-
-def layout_refusal(model) -> str | None:
-    """Why no packed layout can hold for this model, known before running it (None: it may, the check decides).
-
-    - encoder–decoder models: the decoder's causal mask and the encoder's are not ours to build;
-    - ALiBi (Bloom, MPT, Falcon with alibi=True): the bias is built from the 2D mask along the row;
-    - a forward without `position_ids` in its signature (the model's or its base model's): `**kwargs` swallow them
-      and the transformer counts positions along the packed row (FalconForSequenceClassification: rewards off by
-      0.2 on a 2-layer model, no error).
-    """
-    inner = _unwrap(model)
-    config = inner.config
-    if getattr(config, "is_encoder_decoder", False):
-        return f"{_model_name(inner)} is an encoder-decoder model"
-    if _uses_alibi(config):
-        return (f"{_model_name(inner)} uses ALiBi, whose position bias comes from the attention mask along the row, "
-                "not from position ids")
-    base = getattr(inner, "base_model", inner)
-    for module in (inner, base):
-        if not _takes_position_ids(module):
-            return (f"{type(module).__name__}.forward takes no position_ids (its positions would count along the "
-                    "packed row)")
-    return None
-
-
-def _candidates(config, impl: str, requested: str) -> tuple[list[str], str | None]:
-    """The layouts worth checking, fastest first, and why a faster one is out (None when the first is the request)."""
-    model_type = config.model_type
-    if is_encoder(config):
-        if model_type not in ENCODER_FIRST_TOKEN_MODULE:
-            return [], f"encoder {model_type} has no known first-token head to read packed rewards from"
-        if impl not in _MASKABLE:
-            return [], f"attention '{impl}' cannot take a block-diagonal mask"
-        if requested == "prefix_shared":
-            return ["packed"], "bidirectional attention: a shared prefix would see its suffixes"
-        return ["packed"], None
-    if impl in _VARLEN:
-        return ["varlen"], None if requested != "prefix_shared" else f"{impl} takes no custom mask (varlen packing only)"
-    if impl not in _MASKABLE:
-        return [], f"attention implementation '{impl}' cannot take a custom 4D mask"
-    if requested == "packed":
-        return ["packed"], None
-    if requested == "prefix_shared":
-        return ["prefix_shared"], None
-    return ["prefix_shared", "packed"], None
-
-
-@dataclass(frozen=True)
-class LayoutVerdict:
-    """What the check found for one kind of model: the layout to use and why (what is logged and recorded)."""
-
-    layout: str
-    reason: str
-    max_difference: float | None = None  # the chosen layout's largest difference / tolerance (None: not checked)
-
-
-_CHECKS: dict[tuple, tuple[float, str]] = {}  # (model kind, layout) → check_layout's result, once per process
-_LOGGED: set[tuple] = set()
-
-
-def _model_key(inner, impl: str) -> tuple:
-    """What a check's verdict holds for: model class, attention implementation, transformers version, dtype, and the
-    config fields that change what the mask must do (one class may or may not slide, e.g. Phi3)."""
-    import transformers
-
-    config = inner.config
-    sliding = (getattr(config, "sliding_window", None), str(getattr(config, "layer_types", None)),
-               getattr(config, "use_sliding_window", None))
-    return (type(inner).__module__ + "." + type(inner).__qualname__, impl, transformers.__version__,
-            str(next(inner.parameters()).dtype), sliding)
-
-
-def forget_verdicts() -> None:
-    """Clear the per-process cache of layout checks (for tests that change a model class in place)."""
-    _CHECKS.clear()
-    _LOGGED.clear()
-
-
-def choose_layout(model, requested: str = "auto") -> str:
-    """The layout to use for `model`: the fastest one that gives the per-sequence results on this very model.
-
-    Returns one of "prefix_shared", "packed", "varlen" (packed for flash-attention: one row, no mask), "padded".
-    Structural refusals (`layout_refusal`) come first; then each candidate, fastest first, is run on a small synthetic
-    batch and compared with a per-sequence forward (`check_layout`). Check results are cached per process by model
-    class, attention implementation, transformers version and dtype; the choice is logged once per model with its
-    reason. A layout the user forced (`prefix_shared`, `packed`) that is refused or fails the check is a UserError,
-    never a silent downgrade; `auto` falls back to `padded` (TRL's layout, exact by construction) and says why.
-    """
-    return layout_verdict(model, requested).layout
-
-
-def layout_verdict(model, requested: str = "auto") -> LayoutVerdict:
-    """`choose_layout` with its reason and the measured difference."""
-    from rlhfkit.errors import UserError
-
-    if requested not in PAIRWISE_FORWARDS:
-        raise ValueError(f"--pairwise_forward must be one of {', '.join(PAIRWISE_FORWARDS)}, not '{requested}'")
-    inner = _unwrap(model)
-    impl = getattr(inner.config, "_attn_implementation", None) or "eager"
-    if requested == "padded":
-        verdict = LayoutVerdict("padded", "requested (--pairwise_forward padded)")
-    else:
-        verdict = _decide(model, inner, impl, requested)
-        if requested != "auto" and verdict.layout == "padded":
-            raise UserError(f"--pairwise_forward {requested} cannot run {_model_name(inner)} exactly: "
-                            f"{verdict.reason}; use --pairwise_forward auto (or padded)")
-    log_key = (id(inner), requested, verdict)
-    if log_key not in _LOGGED:
-        _LOGGED.add(log_key)
-        logger.info("pairwise forward: %s for %s (attention %s, %s; requested %s): %s", verdict.layout,
-                    type(inner).__name__, impl, str(next(inner.parameters()).dtype).replace("torch.", ""),
-                    requested, verdict.reason)
-    return verdict
-
-
-def _decide(model, inner, impl: str, requested: str) -> LayoutVerdict:
-    refusal = layout_refusal(inner)
-    if refusal:
-        return LayoutVerdict("padded", refusal)
-    candidates, why_not_faster = _candidates(inner.config, impl, requested)
-    if not candidates:
-        return LayoutVerdict("padded", why_not_faster)
-    model_key = _model_key(inner, impl)
-    failures = []
-    for kind in candidates:
-        if (model_key, kind) not in _CHECKS:
-            _CHECKS[(model_key, kind)] = check_layout(model, kind)
-        ratio, worst = _CHECKS[(model_key, kind)]
-        if ratio <= 1.0:
-            reason = (f"checked on this model: equal to each sequence run alone (largest difference {ratio:.2g}× "
-                      "the tolerance)")
-            return LayoutVerdict(kind, "; ".join([*failures, *filter(None, [why_not_faster]), reason]), ratio)
-        failures.append(f"{kind} differs from each sequence run alone by {worst}")
-    return LayoutVerdict("padded", "; ".join(failures))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the check: a synthetic batch through the candidate layout and through each sequence alone
-# ---------------------------------------------------------------------------------------------------------------
-# (prompt length, response lengths): a 1-token response, an identical pair (the shared-prefix cap), responses of
-# different lengths, and groups packed into one row with a second, padded row
-_CHECK_GROUPS = ((7, (1, 4, 9)), (2, (1, 1)), (3, (2, 5)))
-_CHECK_ROW_TOKENS = 25
-
-
-def check_sequences(config) -> tuple[list[list[int]], list[list[int]], list[int]]:
-    """(sequences, groups, score_from) of the synthetic check: token ids drawn with a fixed seed, avoiding the
-    model's special tokens (a pad id inside a sequence would move HF's own last-token pooling)."""
-    vocab = int(getattr(config, "vocab_size", None) or 0)
-    specials = {getattr(config, name, None) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
-    specials |= set(getattr(config, "eos_token_id", None) or []) if isinstance(
-        getattr(config, "eos_token_id", None), list) else set()
-    pool = [t for t in range(min(vocab, 1000)) if t not in specials and t >= min(3, vocab - 1)]
-    if len(pool) < 2:
-        pool = [t for t in range(vocab) if t not in specials] or [0]
-    generator = torch.Generator().manual_seed(1234)
-    draw = lambda n: [pool[i] for i in torch.randint(len(pool), (n,), generator=generator).tolist()]  # noqa: E731
-    sequences, groups, score_from = [], [], []
-    for prompt_length, response_lengths in _CHECK_GROUPS:
-        prompt = draw(prompt_length)
-        members = []
-        identical = len(set(response_lengths)) == 1
-        first = draw(response_lengths[0]) if identical else None
-        for length in response_lengths:
-            members.append(len(sequences))
-            sequences.append(prompt + (list(first) if identical else draw(length)))
-            score_from.append(prompt_length)
-        groups.append(members)
-    return sequences, groups, score_from
-
-
-def _reads_rewards(inner) -> bool:
-    if is_encoder(inner.config):
-        return True
-    names = {name.split(".")[-1] for name, _ in inner.named_modules()}
-    return bool(names & {"score", "v_head", "classifier"})
-
-
-@contextlib.contextmanager
-def _gathered(inner):
-    """ZeRO-3 partitions parameters at load time (zero.Init): gather them for the check's few forwards."""
-    partitioned = [p for p in inner.parameters() if hasattr(p, "ds_id")]
-    if not partitioned:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-        yield
-
-
-def check_layout(model, kind: str) -> tuple[float, str]:
-    """Run the synthetic check groups through `kind` and through a per-sequence forward of the model (no padding,
-    its own 2D mask and positions), in the model's dtype and on its device, in eval mode without grad.
-
-    Compares rewards (a model with a reward head) or every scored token's log-prob (a causal LM). Returns (the
-    largest |difference| / (atol + rtol·|reference|), a description of the largest difference).
-    """
-    inner = _unwrap(model)
-    config = inner.config
-    dtype = next(inner.parameters()).dtype
-    atol, rtol = CHECK_TOLERANCE.get(dtype, CHECK_TOLERANCE[torch.float16])
-    sequences, groups, score_from = check_sequences(config)
-    rewards = _reads_rewards(inner)
-    offset = position_offset(inner)
-    pad = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else 0
-    device = _device(inner)
-    was_training = inner.training
-    inner.eval()
-    try:
-        return _compare(inner, kind, sequences, groups, score_from, rewards, offset, pad, device, atol, rtol, dtype)
-    except Exception as error:  # noqa: BLE001 - a layout the model cannot run fails the check, with the reason
-        return float("inf"), f"raising {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    finally:
-        inner.train(was_training)
-
-
-def _compare(inner, kind, sequences, groups, score_from, rewards, offset, pad, device, atol, rtol, dtype):
-    def run(plan_):
-        plan_ = plan_.to(device)
-        if rewards:
-            return sequence_rewards(inner, plan_).float().cpu()
-        return token_logprobs(inner, plan_).log_probs.float().cpu()
-
-    with torch.no_grad(), _gathered(inner):
-        layout = plan(sequences, groups, kind=kind, pad_token_id=pad, position_offset=offset,
-                      score_from=None if rewards else score_from, row_tokens=_CHECK_ROW_TOKENS)
-        ours = run(layout)
-        # each sequence alone: one row, no padding, the model's own 2D mask and positions
-        alone = [run(plan([s], kind="padded", pad_token_id=pad, position_offset=offset,
-                          score_from=None if rewards else [b]))
-                 for s, b in zip(sequences, score_from)]
-    if rewards:
-        alone = torch.cat(alone)
-    else:  # scored tokens come in the layout's order (rows, first-fit decreasing), not the sequences'
-        alone = torch.stack([alone[i][j] for i, j in zip(layout.token_sequence.tolist(), layout.token_order.tolist())])
-    if ours.shape != alone.shape:
-        return float("inf"), f"{ours.numel()} values instead of {alone.numel()}"
-    difference = (ours - alone).abs()
-    if not torch.isfinite(ours).all():
-        return float("inf"), "non-finite values"
-    ratio = difference / (atol + rtol * alone.abs())
-    worst = int(ratio.argmax())
-    what = "reward" if rewards else "token log-prob"
-    return float(ratio.max()), (f"{float(difference[worst]):.3g} on a {what} ({float(ours[worst]):.5g} vs "
-                                f"{float(alone[worst]):.5g} alone; tolerance {atol:g} + {rtol:g}·|value| in "
-                                f"{str(dtype).replace('torch.', '')})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -600,7 +322,7 @@ def model_inputs(model, plan_: Plan, causal: bool = True) -> dict:
             return flex_block_mask(plan_, causal, w)
         allowed = attention_allowed(plan_.segment, plan_.branch, plan_.position_ids, causal, w)
         if impl == "eager":
-            dtype = next(_unwrap(model).parameters()).dtype
+            dtype = next(unwrap(model).parameters()).dtype
             return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
                 ~allowed, torch.finfo(dtype).min)
         return allowed
@@ -665,7 +387,7 @@ def sequence_rewards(model, plan_: Plan) -> torch.Tensor:
     token (the same token the padded forward pools). Encoders: a pre-hook hands the first-token head (BERT's pooler,
     RoBERTa's classifier) the hidden state of each sequence's first token, so the model's own logits are the rewards.
     """
-    inner = _unwrap(model)
+    inner = unwrap(model)
     config = inner.config
     if is_encoder(config):
         head = _find_module(inner, (ENCODER_FIRST_TOKEN_MODULE[config.model_type],))
@@ -713,7 +435,7 @@ def token_logprobs(model, plan_: Plan, temperature: float = 1.0, extras: bool = 
     entropy: also the entropy of each position's distribution, with grad (PPO's entropy bonus); `extras` gives it
     without grad, with the other diagnostics.
     """
-    inner = _unwrap(model)
+    inner = unwrap(model)
     head = inner.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(inner).__name__} has no LM head")
@@ -752,7 +474,7 @@ def logits_at(model, plan_: Plan, flat_index: torch.Tensor, token_ids: list[int]
     sequence's `last_index`), restricted to the vocabulary columns `token_ids` when given: [M, len(token_ids)] or
     [M, V], with grad. As in `token_logprobs`, the LM head runs only at those positions (the pairwise preference
     model reads "A"/"B" at each comparison's last token, the process reward model "+"/"-" at each step's end)."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     head = inner.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(inner).__name__} has no LM head")
@@ -825,89 +547,6 @@ def position_offset(model) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# token-budget micro-batches (what verl calls dynamic batch size)
-# ---------------------------------------------------------------------------------------------------------------
-def pair_cost(example: dict, kind: str) -> int:
-    """Tokens a pair costs in a layout: its prompt once (prefix_shared) or twice, plus both responses."""
-    if "prompt_ids" in example:  # DPO rows: prompt, chosen completion, rejected completion
-        prompt, chosen, rejected = (len(example[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
-        return (prompt if kind == "prefix_shared" else 2 * prompt) + chosen + rejected
-    chosen, rejected = example["chosen_ids"], example["rejected_ids"]
-    shared = shared_prefix_length([chosen, rejected])
-    return len(chosen) + len(rejected) - (shared if kind == "prefix_shared" else 0)
-
-
-def split_by_tokens(examples: list[dict], budget: int | None, kind: str) -> list[list[dict]]:
-    """Consecutive runs of examples whose layout costs at most `budget` tokens (a pair longer than the budget runs
-    alone). No budget: one run."""
-    if not budget:
-        return [examples]
-    chunks, current, used = [], [], 0
-    for example in examples:
-        cost = pair_cost(example, kind)
-        if current and used + cost > budget:
-            chunks.append(current)
-            current, used = [], 0
-        current.append(example)
-        used += cost
-    chunks.append(current)
-    return chunks
-
-
-def collate_chunks(examples: list[dict], budget: int | None, kind: str, collate) -> dict:
-    """A collator's output: `collate(examples)`, or with a token budget one `collate(run)` per micro-batch under
-    `pw_chunks` (what `run_chunks` / `predict_chunks` consume)."""
-    chunks = split_by_tokens(examples, budget, kind)
-    if len(chunks) == 1:
-        return collate(examples)
-    return {"pw_chunks": [collate(chunk) for chunk in chunks], "pw_pairs": torch.tensor(len(examples))}
-
-
-def _pairs_in(chunk: dict) -> int:
-    return int(chunk["pw_last_index"].numel()) // 2
-
-
-def run_chunks(trainer, step, model, inputs: dict, num_items_in_batch=None):
-    """Run `step` (the Trainer's training_step: forward + backward) on each micro-batch, its loss weighted by its
-    share of the batch's pairs (`trainer._loss_share`, applied in compute_loss), gradients synchronised once."""
-    chunks = inputs["pw_chunks"]
-    total = sum(_pairs_in(chunk) for chunk in chunks)
-    shares = [_pairs_in(chunk) / total for chunk in chunks]
-    loss = 0.0
-    try:
-        for i, chunk in enumerate(chunks):
-            trainer._loss_share = shares[i]
-            sync = contextlib.nullcontext() if i == len(chunks) - 1 else trainer.accelerator.no_sync(model)
-            with sync:
-                loss = loss + step(model, chunk, num_items_in_batch)
-    finally:
-        trainer._loss_share = 1.0
-    return loss
-
-
-def predict_chunks(trainer, step, model, inputs: dict, prediction_loss_only, ignore_keys):
-    """`run_chunks` for evaluation: the weighted loss of the whole batch; logits concatenated."""
-    chunks = inputs["pw_chunks"]
-    total = sum(_pairs_in(chunk) for chunk in chunks)
-    shares = [_pairs_in(chunk) / total for chunk in chunks]
-    loss, logits = 0.0, []
-    try:
-        for chunk, share in zip(chunks, shares):
-            trainer._loss_share = share
-            chunk_loss, chunk_logits, _ = step(model, chunk, prediction_loss_only, ignore_keys)
-            loss = loss + chunk_loss
-            if chunk_logits is not None:
-                logits.append(chunk_logits)
-    finally:
-        trainer._loss_share = 1.0
-    if not logits:
-        return loss, None, None
-    if isinstance(logits[0], (tuple, list)):
-        return loss, tuple(torch.cat(parts) for parts in zip(*logits)), None
-    return loss, torch.cat(logits), None
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # inference: scoring many sequences, groups kept whole (annotation's K samples, a pair, RewardBench 2's candidates)
 # ---------------------------------------------------------------------------------------------------------------
 def groups_by_key(keys: list) -> list[list[int]]:
@@ -961,8 +600,8 @@ def _plan_for(batch, sequences, kind, pad_token_id, score_from, position_offset)
     return index, plan_
 
 
-def _device(model):
-    return next(_unwrap(model).parameters()).device
+def device_of(model):
+    return next(unwrap(model).parameters()).device
 
 
 @torch.no_grad()
@@ -974,8 +613,10 @@ def score_sequences(model, sequences: list[list[int]], pad_token_id: int, batch_
 
     if pad_token_id is None:
         raise ValueError("pad_token_id is None: call rlhfkit.models.ensure_pad_token first")
+    from .layout_check import choose_layout  # it runs plans of this module: imported here, not at the top
+
     kind = choose_layout(model, layout)
-    device = _device(model)
+    device = device_of(model)
     scores = [0.0] * len(sequences)
     plans = list(batched_plans(sequences, groups, batch_size, kind, pad_token_id,
                                position_offset=position_offset(model)))
@@ -996,10 +637,12 @@ def sequence_logprob_sums(model, sequences: list[list[int]], score_from: list[in
 
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce must be sum or mean, not {reduce!r}")
+    from .layout_check import choose_layout  # it runs plans of this module: imported here, not at the top
+
     kind = choose_layout(model, layout)
     if kind == "packed" and is_encoder(_config(model)):
         raise ValueError("log-probs need a causal LM")
-    device = _device(model)
+    device = device_of(model)
     out = [0.0] * len(sequences)
     plans = list(batched_plans(sequences, groups, batch_size, kind, pad_token_id, score_from=score_from))
     for index, plan_ in tqdm(plans, desc=desc, disable=not progress):

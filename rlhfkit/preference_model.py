@@ -171,7 +171,8 @@ def win_probabilities(model, tokenizer, template: PairTemplate, comparisons: lis
     end; counted). `batch_size` is in sequences (two per comparison)."""
     from tqdm.auto import tqdm
 
-    from .pairwise import batched_plans, choose_layout, groups_by_key, logits_at
+    from .layout_check import choose_layout
+    from .pairwise import batched_plans, groups_by_key, logits_at
 
     if not comparisons:
         return [], {"truncated_sequences": 0}

@@ -313,7 +313,8 @@ def step_scores(model, tokenizer, fmt: StepFormat, items: list[tuple[list[dict],
                 layout: str = "auto", max_length: int | None = None) -> list[list[float]]:
     """P(+) at every step of each (prompt, steps), one forward per response (packed, no padding). Steps beyond
     `max_length` tokens are not scored (fewer scores than steps: the caller decides)."""
-    from .pairwise import batched_plans, choose_layout, flat_positions, logits_at
+    from .layout_check import choose_layout
+    from .pairwise import batched_plans, flat_positions, logits_at
 
     ids = label_token_ids(tokenizer, fmt)
     sequences, ends = [], []

@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from rlhfkit import layout_check
 from rlhfkit import pairwise as pw
 from rlhfkit.errors import UserError
 from rlhfkit.train.losses import bradley_terry_loss
@@ -192,7 +193,7 @@ def test_encoders_are_packed_not_shared(family):
                  max_position_embeddings=64, pad_token_id=PAD, num_labels=1)
     torch.manual_seed(0)
     model = transformers.AutoModelForSequenceClassification.from_config(config).eval()
-    assert pw.choose_layout(model, "prefix_shared") == "packed"
+    assert layout_check.choose_layout(model, "prefix_shared") == "packed"
     sequences, groups, _ = _groups(6, 2, seed=4, max_len=12)
     offset = PAD + 1 if family == "roberta" else 0
     plan = pw.plan(sequences, groups, kind="packed", pad_token_id=PAD, position_offset=offset)
@@ -280,18 +281,18 @@ def test_flex_block_mask_matches_the_boolean_rule():
 
 def test_choose_layout_falls_back_with_reasons(caplog):
     model = _model("seqcls", _config("llama"))
-    assert pw.choose_layout(model, "auto") == "prefix_shared"
-    assert pw.choose_layout(model, "padded") == "padded"
+    assert layout_check.choose_layout(model, "auto") == "prefix_shared"
+    assert layout_check.choose_layout(model, "padded") == "padded"
     # flash-attention takes no custom mask: only the varlen layout is a candidate (not runnable on this CPU)
-    assert pw._candidates(model.config, "flash_attention_2", "prefix_shared")[0] == ["varlen"]
+    assert layout_check._candidates(model.config, "flash_attention_2", "prefix_shared")[0] == ["varlen"]
     model.config._attn_implementation = "some_kernel"
     with caplog.at_level("INFO"):
-        assert pw.choose_layout(model, "auto") == "padded"
+        assert layout_check.choose_layout(model, "auto") == "padded"
     assert "cannot take a custom 4D mask" in caplog.text
     with pytest.raises(UserError, match="some_kernel"):
-        pw.choose_layout(model, "prefix_shared")  # forced: an error, never a silent downgrade
+        layout_check.choose_layout(model, "prefix_shared")  # forced: an error, never a silent downgrade
     with pytest.raises(ValueError):
-        pw.choose_layout(model, "fastest")
+        layout_check.choose_layout(model, "fastest")
 
 
 NEW_FAMILIES = ["gpt_neox", "phi3", "phi3_window", "olmo2", "gemma3", "qwen2_moe", "qwen3_moe", "stablelm", "cohere",
@@ -301,7 +302,7 @@ NEW_FAMILIES = ["gpt_neox", "phi3", "phi3_window", "olmo2", "gemma3", "qwen2_moe
 @pytest.mark.parametrize("family", NEW_FAMILIES + FAMILIES)
 def test_auto_checks_the_loaded_model_and_picks_prefix_shared(family):
     model = _reward_or_causal(family)
-    verdict = pw.layout_verdict(model, "auto")
+    verdict = layout_check.layout_verdict(model, "auto")
     assert verdict.layout == "prefix_shared", verdict.reason
     assert "checked on this model" in verdict.reason and verdict.max_difference <= 1.0
     assert _equal_to_each_sequence_alone(model, "prefix_shared") < 1e-4
@@ -313,14 +314,14 @@ def test_models_without_position_ids_are_exact_under_every_flag_or_refused(famil
     model = _model(head, _config(family))
     for requested in pw.PAIRWISE_FORWARDS:
         try:
-            kind = pw.choose_layout(model, requested)
+            kind = layout_check.choose_layout(model, requested)
         except UserError as error:  # one line naming the model and why
             assert requested in ("prefix_shared", "packed") and "\n" not in str(error)
             assert type(model).__name__ in str(error)
             assert "position_ids" in str(error) or "ALiBi" in str(error)
             continue
         assert _equal_to_each_sequence_alone(model, kind) < 1e-4, (requested, kind)
-    assert pw.layout_refusal(model) or (family == "falcon" and head == "causal")
+    assert layout_check.layout_refusal(model) or (family == "falcon" and head == "causal")
     if family == "falcon" and head == "seqcls":
         # the refusal matters: forced past it, the prefix-shared layout gives wrong rewards, without an error (weights
         # drawn wider than the default init so that positions move the result visibly)
@@ -329,14 +330,14 @@ def test_models_without_position_ids_are_exact_under_every_flag_or_refused(famil
 
 
 def test_falcon_reward_model_is_refused_and_causal_lm_is_checked():
-    assert pw.layout_refusal(_model("seqcls", _config("falcon"))).startswith("FalconForSequenceClassification.forward")
-    assert pw.choose_layout(_model("causal", _config("falcon")), "auto") == "prefix_shared"  # rotary, position_ids
+    assert layout_check.layout_refusal(_model("seqcls", _config("falcon"))).startswith("FalconForSequenceClassification.forward")
+    assert layout_check.choose_layout(_model("causal", _config("falcon")), "auto") == "prefix_shared"  # rotary, position_ids
 
 
 def _fresh_cache(monkeypatch):
     """An empty per-process verdict cache for this test only (the model class is changed in place)."""
-    monkeypatch.setattr(pw, "_CHECKS", {})
-    monkeypatch.setattr(pw, "_LOGGED", set())
+    monkeypatch.setattr(layout_check, "_CHECKS", {})
+    monkeypatch.setattr(layout_check, "_LOGGED", set())
 
 
 def test_a_model_whose_attention_ignores_the_mask_is_caught(monkeypatch, caplog):
@@ -351,17 +352,17 @@ def test_a_model_whose_attention_ignores_the_mask_is_caught(monkeypatch, caplog)
     model = _model("seqcls", _config("llama"))
     assert _equal_to_each_sequence_alone(model, "padded") < 1e-4  # each sequence alone is still right
     with caplog.at_level("INFO", logger="rlhfkit.pairwise"):
-        assert pw.choose_layout(model, "auto") == "padded"
+        assert layout_check.choose_layout(model, "auto") == "padded"
     assert "prefix_shared differs from each sequence run alone" in caplog.text
     with pytest.raises(UserError, match=r"LlamaForSequenceClassification .*differs from each sequence run alone by"):
-        pw.choose_layout(model, "prefix_shared")
+        layout_check.choose_layout(model, "prefix_shared")
 
 
 def test_the_choice_is_checked_once_and_logged_once_per_model(monkeypatch, caplog):
     _fresh_cache(monkeypatch)
     calls = []
-    check = pw.check_layout
-    monkeypatch.setattr(pw, "check_layout", lambda model, kind: calls.append(kind) or check(model, kind))
+    check = layout_check.check_layout
+    monkeypatch.setattr(layout_check, "check_layout", lambda model, kind: calls.append(kind) or check(model, kind))
     model = _model("seqcls", _config("qwen2"))
     sequences, groups, _ = _groups(3, 2, seed=21)
     with caplog.at_level("INFO", logger="rlhfkit.pairwise"):

@@ -611,7 +611,7 @@ def test_prefix_shared_ppo_forward_equals_padded_with_grad_entropy_suppression_a
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhfkit import pairwise
+    from rlhfkit.layout_check import choose_layout
     from rlhfkit.rl import networks
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -622,7 +622,7 @@ def test_prefix_shared_ppo_forward_equals_padded_with_grad_entropy_suppression_a
     batch = _grouped_rollout(tokenizer)
     plan = rollout.response_plan(batch, slice(0, 6), "prefix_shared")
     assert plan.computed_tokens < int(batch.attention_mask.sum())  # each prompt computed once for its 3 samples
-    assert pairwise.choose_layout(policy, "auto") == "prefix_shared"
+    assert choose_layout(policy, "auto") == "prefix_shared"
     mask = batch.mask
     results = {}
     for layout in ("padded", "prefix_shared"):

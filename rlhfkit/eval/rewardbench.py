@@ -472,11 +472,12 @@ def dpo_sequence_scores(model, sequences: Sequence[tuple[list[int], int]], pad_t
     import torch
     from tqdm.auto import tqdm
 
+    from rlhfkit import layout_check
     from rlhfkit import pairwise as pw
 
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, not {batch_size}")
-    kind = pw.choose_layout(model, layout)
+    kind = layout_check.choose_layout(model, layout)
     device = next(model.parameters()).device
     ids = [list(s) for s, _ in sequences]
     score_from = [max(start, 1) for _, start in sequences]

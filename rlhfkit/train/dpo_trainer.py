@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from trl import DPOTrainer
 
+from rlhfkit import layout_check
 from rlhfkit import pairwise as pw
+from rlhfkit.train import token_budget
 from rlhfkit.train.dpo_losses import (DPOBatch, DPOLossConfig, dpo_loss, sequence_logps, token_metric_sums,
                                       wpo_weights)
 
@@ -40,7 +42,7 @@ class PackedPreferenceCollator:
     max_tokens_per_batch: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        return pw.collate_chunks(examples, self.max_tokens_per_batch, self.kind, self.collate)
+        return token_budget.collate_chunks(examples, self.max_tokens_per_batch, self.kind, self.collate)
 
     def truncate(self, prompt: list[int], completion: list[int]) -> tuple[list[int], int]:
         """The sequence TRL's collator keeps, and where its completion starts in it."""
@@ -97,7 +99,7 @@ class PackedDPOTrainer(DPOTrainer):
         model, training_args = kwargs.get("model"), kwargs.get("args")
         tokenizer = kwargs.get("processing_class")
         self.loss_config = DPOLossConfig.from_args(training_args)
-        self.pairwise_layout = pw.choose_layout(model, pairwise_forward)
+        self.pairwise_layout = layout_check.choose_layout(model, pairwise_forward)
         if self.pairwise_layout != "padded" and getattr(model.config, "output_router_logits", False):
             self.pairwise_layout = "padded"  # MoE auxiliary losses need TRL's forward
         if self.pairwise_layout != "padded" and kwargs.get("data_collator") is None:
@@ -108,7 +110,7 @@ class PackedDPOTrainer(DPOTrainer):
         elif max_tokens_per_batch:
             raise ValueError("--max_tokens_per_batch needs a packed pairwise forward (not --pairwise_forward padded)")
         check_token_budget(self.loss_config, max_tokens_per_batch)
-        self._loss_share = 1.0  # set by pw.run_chunks for a token-budget micro-batch
+        self._loss_share = 1.0  # set by token_budget.run_chunks for a token-budget micro-batch
         # what our loss logs, averaged per logging step by `log` (TRL's own store holds what its padded loss logs)
         self.packed_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.packed_train_tokens = 0
@@ -218,14 +220,14 @@ class PackedDPOTrainer(DPOTrainer):
         if "pw_chunks" not in inputs:
             return super().training_step(model, inputs, num_items_in_batch)
         before = self.packed_metric_counts()
-        loss = pw.run_chunks(self, super().training_step, model, inputs, num_items_in_batch)
+        loss = token_budget.run_chunks(self, super().training_step, model, inputs, num_items_in_batch)
         self.fold_chunk_metrics(before, inputs)
         return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if "pw_chunks" in inputs:
             before = self.packed_metric_counts()
-            result = pw.predict_chunks(self, self.packed_prediction, model, inputs, prediction_loss_only,
+            result = token_budget.predict_chunks(self, self.packed_prediction, model, inputs, prediction_loss_only,
                                        ignore_keys)
             self.fold_chunk_metrics(before, inputs)
             return result

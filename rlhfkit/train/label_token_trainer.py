@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from rlhfkit import layout_check
 from rlhfkit import pairwise as pw
 
 
@@ -69,7 +70,7 @@ class LabelTokenTrainer(Trainer):
         if metric not in ("pairs", "steps"):
             raise ValueError(f"metric must be pairs or steps, not {metric!r}")
         model, tokenizer = kwargs.get("model"), kwargs.get("processing_class")
-        self.pairwise_layout = pw.choose_layout(model, pairwise_forward)
+        self.pairwise_layout = layout_check.choose_layout(model, pairwise_forward)
         if self.pairwise_layout == "packed" and pw.is_encoder(model.config):
             raise ValueError("a label-token model must be a causal LM, not an encoder")
         kwargs["data_collator"] = LabelTokenCollator(tokenizer.pad_token_id, self.pairwise_layout)

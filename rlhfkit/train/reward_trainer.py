@@ -12,7 +12,7 @@ What we change:
   each pair's prompt is computed once and pairs are packed without padding; `padded` keeps TRL's collator and
   forward. `max_tokens_per_batch` splits each batch into micro-batches of at most that many laid-out tokens, each
   weighted by its share of the batch's pairs, so the loss, the gradient and the schedule are those of the whole
-  batch (rlhfkit.pairwise.split_by_tokens).
+  batch (rlhfkit.train.token_budget.split_by_tokens).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from transformers import Trainer
 from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
+from rlhfkit import layout_check
 from rlhfkit import pairwise as pw
+from rlhfkit.train import token_budget
 from rlhfkit.train.losses import bradley_terry_loss
 
 
@@ -53,7 +55,7 @@ class PackedPairCollator:
     max_tokens_per_batch: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        return pw.collate_chunks(examples, self.max_tokens_per_batch, self.kind, self._collate)
+        return token_budget.collate_chunks(examples, self.max_tokens_per_batch, self.kind, self._collate)
 
     def _collate(self, examples):
         sequences = [ids for e in examples for ids in (e["chosen_ids"], e["rejected_ids"])]
@@ -75,7 +77,7 @@ class RewardModelTrainer(RewardTrainer):
         model = kwargs.get("model")
         self.pairwise_layout = "padded"
         if kwargs.get("data_collator") is None and tokenizer is not None and tokenizer.pad_token_id is not None:
-            self.pairwise_layout = pw.choose_layout(model, pairwise_forward)
+            self.pairwise_layout = layout_check.choose_layout(model, pairwise_forward)
             if self.pairwise_layout == "padded":
                 kwargs["data_collator"] = PairCollator(pad_token_id=tokenizer.pad_token_id)
             else:
@@ -98,11 +100,11 @@ class RewardModelTrainer(RewardTrainer):
         """Token-budget micro-batches: forward and backward each, weighted by its share of the batch's pairs."""
         if "pw_chunks" not in inputs:
             return super().training_step(model, inputs, num_items_in_batch)
-        return pw.run_chunks(self, super().training_step, model, inputs, num_items_in_batch)
+        return token_budget.run_chunks(self, super().training_step, model, inputs, num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if "pw_chunks" in inputs:
-            return pw.predict_chunks(self, super().prediction_step, model, inputs, prediction_loss_only, ignore_keys)
+            return token_budget.predict_chunks(self, super().prediction_step, model, inputs, prediction_loss_only, ignore_keys)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     # -- the pairwise forward -----------------------------------------------------------------------------------
