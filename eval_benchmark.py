@@ -111,8 +111,10 @@ class ScriptArguments:
             raise ValueError("--batch_size must be ≥ 1")
         if self.benchmark not in CHOICES:
             raise ValueError(f"--benchmark must be one of {', '.join(CHOICES)}, not '{self.benchmark}'")
-        if self.ref_free_type not in ("avg", "sum", "norm"):
-            raise ValueError(f"--ref_free_type must be avg, sum or norm, not '{self.ref_free_type}'")
+        from rlhfkit.eval.dpo_scoring import REF_FREE_TYPES
+
+        if self.ref_free_type not in REF_FREE_TYPES:
+            raise ValueError(f"--ref_free_type must be one of {', '.join(REF_FREE_TYPES)}, not '{self.ref_free_type}'")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError("--max_length must be ≥ 2")
         if self.ref_free and self.ref_model_path:

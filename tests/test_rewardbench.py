@@ -43,9 +43,10 @@ import json  # noqa: E402
 import torch  # noqa: E402
 
 from rlhfkit.errors import UserError  # noqa: E402
+from rlhfkit.eval.dpo_scoring import dpo_reduce, dpo_tokenize_pair  # noqa: E402
 from rlhfkit.eval.rewardbench import (  # noqa: E402
-    EXAMPLE_COUNTS, TruncationPlan, dpo_reduce, dpo_tokenize_pair, load_rewardbench_rows, model_position_limit,
-    rewardbench_prompt, truncate_like_tokenizer,
+    EXAMPLE_COUNTS, TruncationPlan, load_rewardbench_rows, model_position_limit, rewardbench_prompt,
+    truncate_like_tokenizer,
 )
 from tests.conftest import write_jsonl  # noqa: E402
 

@@ -76,7 +76,8 @@ class Scorer:
 
     def plan(self, module):
         """`--max_length`, else the benchmark's own (DPO: rewardbench/dpo.py's 2048), never beyond the model."""
-        from rlhfkit.eval.rewardbench import DPO_MAX_LENGTH, TruncationPlan
+        from rlhfkit.eval.dpo_scoring import DPO_MAX_LENGTH
+        from rlhfkit.eval.rewardbench import TruncationPlan
 
         requested = self.args.max_length
         if requested is None:
@@ -90,7 +91,7 @@ class Scorer:
     def dpo_scores(self, pair_rows: list[dict], max_length: int, size: int, progress: bool = True):
         """DPO implicit rewards of (prompt, chosen, rejected) rows, as rewardbench/dpo.py: [(chosen, rejected)] and
         the tokenized pairs."""
-        from rlhfkit.eval.rewardbench import dpo_sequence_scores, dpo_tokenize_pair
+        from rlhfkit.eval.dpo_scoring import dpo_sequence_scores, dpo_tokenize_pair
         from rlhfkit.pairwise import linked_groups
 
         tokenized = [dpo_tokenize_pair(self.tokenizer, r["prompt"], r["chosen"], r["rejected"], max_length)
@@ -114,7 +115,7 @@ class Scorer:
     def dpo_pair_rows(self, module, rows: list[dict]) -> tuple[list[dict], list[tuple[int, int, int]]]:
         """Group rows as DPO pairs: the pair rows and, per pair, (row, completion scored as chosen, completion scored
         as rejected) — a completion whose score comes from the rejected side is listed there, otherwise -1."""
-        from rlhfkit.eval.rewardbench import dpo_tokenize_pair
+        from rlhfkit.eval.dpo_scoring import dpo_tokenize_pair
 
         def message(text: str) -> list[dict]:
             return [{"role": "assistant", "content": text}]
@@ -146,7 +147,7 @@ def evaluate(module, paths: list[str], directory: Path, scorer: Scorer, model_re
     """Score one benchmark's files (`module`: rlhfkit/eval/benchmarks.py) and write its files into `directory`;
     returns its results (what results.json holds) with its flat `metrics`."""
     from rlhfkit.eval import diagnostics as rm_diagnostics
-    from rlhfkit.eval.rewardbench import (DPO_MAX_PROMPT_LENGTH, dpo_tokenize_pair)
+    from rlhfkit.eval.dpo_scoring import DPO_MAX_PROMPT_LENGTH, dpo_tokenize_pair
     from rlhfkit.scoring import encode_conversations, score_conversations, shard_and_gather
 
     args, accelerator, tokenizer, model = scorer.args, scorer.accelerator, scorer.tokenizer, scorer.model
