@@ -227,3 +227,48 @@ def test_pm_chain_train_eval_annotate_ppo(tmp_path):
     described = json.loads((tmp_path / "ppo" / "run_info.json").read_text())["reward"]
     described = described[0] if isinstance(described, list) else described  # one source, or the list of sources
     assert described["pm_reward"] == "log_odds"
+
+
+@pytest.mark.slow
+def test_ppo_against_the_reference_greedy_response_raises_the_pm_reward(tmp_path, tiny_llama_dir):
+    """The PM as PPO's reward with one sample per prompt (log-odds against the reference policy's greedy response):
+    the policy learns what the PM prefers. The PM is trained on pairs that differ only in positive words inserted into
+    the same random token soup (what a tiny random policy writes), so its preference reaches the policy's samples."""
+    import random
+
+    import pm_train
+    import ppo_train
+    from transformers import AutoTokenizer
+
+    from tests.conftest import POSITIVE
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    rng = random.Random(0)
+    rows = []
+    for i in range(160):
+        words = tokenizer.decode([rng.randrange(len(tokenizer)) for _ in range(8)], skip_special_tokens=True).split()
+        chosen = list(words)
+        for word in rng.sample(POSITIVE, 3):
+            chosen.insert(rng.randrange(len(chosen) + 1), word)
+        prompt = [{"role": "user", "content": f"Tell me about {TOPICS[i % len(TOPICS)]}."}]
+        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": " ".join(chosen)}],
+                     "rejected": [{"role": "assistant", "content": " ".join(words)}]})
+    pm = tmp_path / "pm"
+    metrics = pm_train.main(*parse_args(pm_train.ARGUMENTS, [
+        "--model_name_or_path", "tiny-random-llama", "--dataset_path", str(write_jsonl(tmp_path / "p.jsonl", rows[:128])),
+        "--eval_dataset_path", str(write_jsonl(tmp_path / "e.jsonl", rows[128:])), "--output_dir", str(pm),
+        "--num_train_epochs", "4", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8",
+        "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true", "--seed", "0", "--disable_tqdm", "true"]))
+    assert metrics["eval_accuracy"] >= 0.9
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about {t}.", "id": str(i)}
+                                                       for i, t in enumerate(TOPICS)])
+    ppo_train.main(*parse_args(ppo_train.ARGUMENTS, [
+        "--model_name_or_path", "tiny-random-llama", "--reward_model_path", str(pm), "--dataset_path", str(prompts),
+        "--output_dir", str(tmp_path / "ppo"), "--max_steps", "20", "--max_new_tokens", "12", "--rollout_batch_size",
+        "16", "--per_device_train_batch_size", "16", "--ppo_epochs", "4", "--learning_rate", "3e-3", "--kl_coef",
+        "0.01", "--save_strategy", "no", "--disable_tqdm", "true", "--report_to", "none", "--seed", "1"]))
+    rows = [json.loads(line) for line in (tmp_path / "ppo" / "log_history.jsonl").read_text().splitlines()]
+    start = sum(row["reward/raw"] for row in rows[:5]) / 5
+    end = sum(row["reward/raw"] for row in rows[-5:]) / 5
+    assert end > start + 0.5, f"PM reward (log-odds against the reference's greedy response) {start:.2f} → {end:.2f}"
