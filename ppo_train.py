@@ -325,12 +325,14 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     if ref_model is not None:
         ref_model = networks.prepare_frozen(ref_model, accelerator)
     scoring.place_reward_models(sources, accelerator)
-    if isinstance(reward, PreferenceReward) and args.num_samples_per_prompt == 1:  # baseline: the reference's greedy
-        from rlhfkit.rl.model_rewards import greedy_generator
+    for item in sources:  # a PM's baseline with K = 1 (and in the held-out evaluation): the reference's greedy answer
+        if isinstance(item.source, PreferenceReward):
+            from rlhfkit.rl.model_rewards import greedy_generator
 
-        reference_for_baseline = ref_model if ref_model is not None else accelerator.unwrap_model(model).policy
-        reward.attach_reference(greedy_generator(reference_for_baseline, tokenizer, args.max_new_tokens, stop_ids,
-                                                 suppressed, adapter_off=ref_model is None))
+            reference_for_baseline = ref_model if ref_model is not None else accelerator.unwrap_model(model).policy
+            item.source.group_size = args.num_samples_per_prompt
+            item.source.attach_reference(greedy_generator(reference_for_baseline, tokenizer, args.max_new_tokens,
+                                                          stop_ids, suppressed, adapter_off=ref_model is None))
 
     kl_controller = ppo.kl_controller(args)
     moments = estimators.RunningMoments()

@@ -7,9 +7,11 @@ Both are callables `(prompts, responses) -> list[float]` (the interface `rlhfkit
 (their scores are not Bradley-Terry rewards with a training mean/std) and `describe()`.
 
 Pairwise preference model, `PreferenceReward`: a sample is compared (both orders, rlhfkit.preference_model) with
-- the other samples of its prompt when there are several (`--num_samples_per_prompt K > 1`: RLOO, GRPO, or any
-  estimator run with K > 1): K(K−1)/2 comparisons per prompt, P(j ≻ i) = 1 − P(i ≻ j) by the two-order mean;
-- otherwise the reference policy's greedy response to the prompt (generated once per prompt and cached).
+- the other samples of its group when there are several (`--num_samples_per_prompt K > 1`: RLOO, GRPO, or any
+  estimator run with K > 1; a group is the K consecutive rows of one draw of a prompt, so a prompt drawn twice in a
+  batch is two groups): K(K−1)/2 comparisons per group, P(j ≻ i) = 1 − P(i ≻ j) by the two-order mean;
+- otherwise (K = 1, and the held-out evaluation's single answer) the reference policy's greedy response to the
+  prompt (generated once per prompt and cached).
 Reward = the mean over its baselines of the log-odds log(P / (1 − P)) (`--pm_reward log_odds`, the default), or of
 P itself (`win_rate`). Why log-odds: if the PM's preferences follow Bradley-Terry, logit P(i ≻ j) = r_i − r_j, so
 the reward is r_i − r̄(baselines): the scalar reward a BT reward model would give, up to a per-prompt constant that
@@ -84,6 +86,8 @@ class PreferenceReward:
         self.name, self.path, self.how = path, path, how
         self.baseline_fn = None
         self.baselines: dict[str, str] = {}
+        self.group_size = 1  # K, set by the stage: rows i·K … i·K+K−1 answer the same prompt
+
 
     def attach_reference(self, generate_greedy) -> None:
         """`generate_greedy(prompts) -> [response]`: the reference policy's greedy responses (the K = 1 baseline)."""
@@ -92,23 +96,29 @@ class PreferenceReward:
     def __call__(self, *args) -> list[float]:
         prompts, responses = _split_inputs(args)
         keys = [json.dumps(p, sort_keys=True) for p in prompts]
-        members: dict[str, list[int]] = {}
+        # a prompt's group: its run of consecutive rows, at most K long (rollouts are prompt-major); a prompt drawn
+        # twice in one batch is two groups, never each other's baseline
+        groups: list[list[int]] = []
         for i, key in enumerate(keys):
-            members.setdefault(key, []).append(i)
+            if groups and keys[groups[-1][0]] == key and len(groups[-1]) < self.group_size:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
         comparisons, where = [], []
-        missing = [key for key, idx in members.items() if len(idx) == 1 and key not in self.baselines]
+        missing = list(dict.fromkeys(keys[idx[0]] for idx in groups if len(idx) == 1 and keys[idx[0]] not in
+                                     self.baselines))
         if missing:
             if self.baseline_fn is None:
                 raise UserError("pairwise preference model as reward with one sample per prompt compares each sample "
                                 "with the reference policy's greedy response, and none is available; use "
                                 "--num_samples_per_prompt > 1 or give the reference as --ref_model_path")
-            firsts = [prompts[members[key][0]] for key in missing]
+            firsts = [prompts[keys.index(key)] for key in missing]
             for key, text in zip(missing, self.baseline_fn(firsts)):
                 self.baselines[key] = text
-        for key, idx in members.items():
+        for idx in groups:
             if len(idx) == 1:
                 i = idx[0]
-                comparisons.append((prompts[i], responses[i], self.baselines[key]))
+                comparisons.append((prompts[i], responses[i], self.baselines[keys[i]]))
                 where.append((i, None))
             else:
                 for a in range(len(idx)):
