@@ -75,7 +75,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     import datasets
     import transformers
 
-    from rlhfkit.checkpoints import StageOutput, save_final_model, trainer_run_info
+    from rlhfkit.checkpoints import StageOutput, trainer_run_info
+    from rlhfkit.saving import save_final_model
     from rlhfkit.data import load_train_eval
     from rlhfkit.faults import install_fault_handlers
     from rlhfkit.models import (ensure_pad_token, load_causal_lm, load_tokenizer, match_vocabulary, peft_config,

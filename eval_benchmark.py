@@ -181,7 +181,7 @@ def main(script_args: ScriptArguments) -> dict:
 def write_summary(directory: Path, results: dict, table: str) -> None:
     import json
 
-    from rlhfkit.checkpoints import write_text_atomic
+    from rlhfkit.files import write_text_atomic
 
     write_text_atomic(directory / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     write_text_atomic(directory / "table.txt", table + "\n")

@@ -224,7 +224,8 @@ def main(script_args: ScriptArguments) -> dict:
     # ---------------------------------------------------------------- setup
     from rlhfkit.distributed import new_accelerator
 
-    from rlhfkit.checkpoints import StageOutput, write_json_atomic, write_text_atomic
+    from rlhfkit.checkpoints import StageOutput
+    from rlhfkit.files import write_json_atomic, write_text_atomic
     from rlhfkit.eval.judges import ApiJudge, RewardModelJudge
 
     for flag in ("responses_a", "responses_b", "output_dir"):

@@ -40,7 +40,8 @@ import os
 from dataclasses import dataclass, field
 
 from rlhfkit.builtin_models import sha256_file
-from rlhfkit.checkpoints import StageOutput, write_json_atomic
+from rlhfkit.checkpoints import StageOutput
+from rlhfkit.files import write_json_atomic
 from rlhfkit.cli import run_stage, setup_logging, to_dict
 from rlhfkit.files import write_jsonl_atomic
 from rlhfkit.errors import UserError

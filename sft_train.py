@@ -71,7 +71,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     # ---------------------------------------------------------------- setup
     from trl import SFTTrainer
 
-    from rlhfkit.checkpoints import StageOutput, save_final_model, trainer_run_info
+    from rlhfkit.checkpoints import StageOutput, trainer_run_info
+    from rlhfkit.saving import save_final_model
     from rlhfkit.data import train_eval_split
     from rlhfkit.faults import install_fault_handlers
     from rlhfkit.models import ensure_pad_token, load_causal_lm, load_tokenizer, peft_config, resolve_model

@@ -16,7 +16,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from rlhfkit.checkpoints import RunLock, write_json_atomic
+from rlhfkit.files import write_json_atomic
+from rlhfkit.locks import RunLock
 from rlhfkit.errors import UserError, where
 
 OUTPUT_FILE = "generations.jsonl"

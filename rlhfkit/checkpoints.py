@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,8 @@ import yaml
 
 from . import __version__
 from .errors import UserError
+from .files import write_json_atomic, write_text_atomic
+from .locks import LOCK_FILE, SHARED_STAGES, RunLock, release_held
 from .integrity import CHECKSUMS, check_resume, collect_history, run_identity, verify_checksums, write_checksums
 
 logger = logging.getLogger(__name__)
@@ -48,27 +49,6 @@ INCOMPLETE_MARKER = "INCOMPLETE"
 CHECKPOINTS_SUBDIR = "checkpoints"
 PARTIAL_SUFFIX = ".partial"
 _WEIGHT_FILES = re.compile(r"^(model.*\.safetensors|pytorch_model.*\.bin|adapter_model\.safetensors)$")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# atomic small files
-# ---------------------------------------------------------------------------------------------------------------
-def default_file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """Write JSON to a temp file in the same directory and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.chmod(tmp, default_file_mode())  # mkstemp makes 0600 files; outputs should read like any other file
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=False, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
 
 
 def write_log_history(out_dir: str | os.PathLike, entries: list[dict]) -> None:
@@ -91,16 +71,6 @@ def read_log_history(out_dir: str | os.PathLike) -> list[dict]:
         if isinstance(entry, dict):
             entries.append(entry)
     return entries
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.chmod(tmp, default_file_mode())
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def _readable_json(path: Path) -> bool:
@@ -172,139 +142,7 @@ def check_parent(path: str | os.PathLike, role: str = "model", expect_stage: str
     return {"path": str(path), "stage": stage, "run_info": run_info, "verified": verified}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# one run per directory
-# ---------------------------------------------------------------------------------------------------------------
-LOCK_FILE = "LOCK"
-# Stages whose processes legitimately share one OUT.partial: generation shards (one process per --local_index)
-# append to their own shard files, and each process locks its own shard file instead (generation/shards.py).
-SHARED_STAGES = frozenset({"generate"})
-_HELD: dict[str, "RunLock"] = {}  # lock path → the lock this process holds
 _OUTPUTS: list["StageOutput"] = []  # staging dirs this process is writing (for release_all)
-
-
-class RunLock:
-    """An exclusive lock on a file, held by an open descriptor (`flock`) for the life of the process.
-
-    The kernel drops the flock when its process dies (kill -9 included), so a lock file whose flock can be taken is
-    stale: its writer is gone. The file's content says who held it: pid, host, start time, command (JSON).
-    `release` unlinks the file, so a leftover file always means the writer did not end cleanly.
-    """
-
-    def __init__(self, path: str | os.PathLike, what: str = "run"):
-        self.path = Path(os.path.abspath(path))  # one key per file in _HELD, however the path was spelled
-        self.what = what
-        self._fd: int | None = None
-
-    @staticmethod
-    def describe(holder: dict | None) -> str:
-        if not holder:
-            return "holder unknown (empty lock file)"
-        return (f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
-                + (f", stage {holder['stage']}" if holder.get("stage") else ""))
-
-    @staticmethod
-    def read(path: str | os.PathLike) -> dict | None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-            return json.loads(text) if text.strip() else None
-        except (OSError, ValueError):
-            return None
-
-    @staticmethod
-    def probe(path: str | os.PathLike) -> dict | None:
-        """The holder record if a live process holds the lock at `path`, else None (no file, or stale)."""
-        import fcntl
-
-        path = Path(os.path.abspath(path))
-        if str(path) in _HELD:
-            return None
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return RunLock.read(path) or {}
-        finally:
-            os.close(fd)  # closing drops a flock we may just have taken
-        return None
-
-    def acquire(self, takeover: bool, takeover_hint: str = "", stage: str | None = None) -> None:
-        """Take the lock. A live holder: refuse with one line naming it. A stale lock (its process gone): refuse
-        unless `takeover`, then log it and take it over."""
-        import fcntl
-        import socket
-        import sys
-
-        key = str(self.path)
-        if key in _HELD and _HELD[key]._fd is not None:  # this process holds it already (a later StageOutput)
-            previous_owner = _HELD[key]
-            self._fd, previous_owner._fd = previous_owner._fd, None
-            _HELD[key] = self
-            return
-        for _ in range(5):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, default_file_mode())
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                holder = self.read(self.path)
-                raise UserError(
-                    f"{self.path.parent}: another {self.what} is writing here ({self.describe(holder)}; lock file "
-                    f"{self.path}); wait for it to finish or choose another output path"
-                ) from None
-            try:
-                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same_file = False
-            if not same_file:  # its holder released (unlinked) it between our open and flock: try again
-                os.close(fd)
-                continue
-            previous = os.read(fd, 65536)
-            if previous.strip():
-                try:
-                    holder = json.loads(previous)
-                except ValueError:
-                    holder = None
-                if not takeover:
-                    os.close(fd)
-                    raise UserError(
-                        f"{self.path}: a previous {self.what} ({self.describe(holder)}) is no longer running and did "
-                        f"not end cleanly (killed?); {takeover_hint or 'rerun to take it over'}"
-                    )
-                logger.warning("%s: taking over the lock of a %s that is gone (%s)", self.path, self.what,
-                               self.describe(holder))
-            record = {"pid": os.getpid(), "host": socket.gethostname(),
-                      "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                      "stage": stage, "command": " ".join(sys.argv)[:500]}
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.ftruncate(fd, 0)
-            os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
-            os.fsync(fd)
-            self._fd = fd
-            _HELD[key] = self
-            return
-        raise UserError(f"{self.path}: could not take the lock (other processes keep taking and releasing it)")
-
-    def moved_to(self, path: Path) -> None:
-        """The directory holding the lock file was renamed: follow it."""
-        _HELD.pop(str(self.path), None)
-        self.path = Path(os.path.abspath(path))
-        _HELD[str(self.path)] = self
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        if _HELD.get(str(self.path)) is self:
-            del _HELD[str(self.path)]
-        try:
-            self.path.unlink(missing_ok=True)  # unlink first, then drop the flock: a waiter retries on a new file
-        except OSError:
-            pass
-        os.close(self._fd)
-        self._fd = None
 
 
 def writing_dir() -> Path | None:
@@ -318,8 +156,7 @@ def release_all(failed: bool) -> None:
     input leaves nothing behind; anything with checkpoints or rows in it is kept for resuming."""
     for output in list(_OUTPUTS):
         output.release(failed)
-    for lock in list(_HELD.values()):
-        lock.release()
+    release_held()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -632,83 +469,5 @@ def trainer_run_info(data_args, model_args, model_record: dict, tokenizer, pad_a
 # ---------------------------------------------------------------------------------------------------------------
 # saving the final weights
 # ---------------------------------------------------------------------------------------------------------------
-def merge_lora_state_dict(state_dict: dict, peft_config, adapter: str = "default") -> dict:
-    """Fold LoRA weights into the base weights of a PEFT model's *full* state dict (pure; tensors in, tensors out).
-
-    W' = W + scaling · B @ A with scaling = alpha / r (alpha / √r with rsLoRA); `modules_to_save` copies replace the
-    originals. Used under ZeRO-3, where the live model's parameters are partitioned and PEFT's `merge_and_unload`
-    cannot run, so we merge the gathered 16-bit state dict instead. Plain LoRA on Linear layers only (no DoRA).
-    """
-    import math
-
-    if getattr(peft_config, "use_dora", False):
-        raise UserError("merging DoRA adapters under ZeRO-3 is not supported; use --save_adapter_only true")
-    rank, alpha = peft_config.r, peft_config.lora_alpha
-    scaling = alpha / math.sqrt(rank) if getattr(peft_config, "use_rslora", False) else alpha / rank
-    prefix = "base_model.model."
-    merged: dict = {}
-    lora: dict[str, dict] = {}
-    for key, tensor in state_dict.items():
-        name = key[len(prefix):] if key.startswith(prefix) else key
-        if f".lora_A.{adapter}." in name or f".lora_B.{adapter}." in name:
-            module, part = name.split(".lora_")[0], name.split(".lora_")[1][0]
-            lora.setdefault(module, {})[part] = tensor
-        elif ".original_module." in name:
-            continue
-        elif f".modules_to_save.{adapter}." in name:
-            merged[name.replace(f".modules_to_save.{adapter}.", ".")] = tensor
-        elif ".base_layer." in name:
-            merged.setdefault(name.replace(".base_layer.", "."), tensor)
-        else:
-            merged.setdefault(name, tensor)
-    for module, parts in lora.items():
-        weight_key = f"{module}.weight"
-        if weight_key not in merged or set(parts) != {"A", "B"}:
-            raise UserError(f"cannot merge LoRA for '{module}': base weight or A/B matrix missing from the state dict")
-        base = merged[weight_key]
-        delta = (parts["B"].float() @ parts["A"].float()) * scaling
-        if getattr(peft_config, "fan_in_fan_out", False):
-            delta = delta.T
-        merged[weight_key] = (base.float() + delta).to(base.dtype)
-    return merged
 
 
-def save_final_model(trainer, out_dir: str | os.PathLike, tokenizer=None, merge_lora: bool = True) -> None:
-    """Save a HF Trainer's model into `out_dir` (the StageOutput staging dir) as a plain checkpoint.
-
-    - Full fine-tune: `trainer.save_model`, which under ZeRO-3 gathers 16-bit weights (our DeepSpeed configs set
-      `stage3_gather_16bit_weights_on_model_save`).
-    - LoRA with `merge_lora`: merged into the base weights, so the next stage loads a plain model. Without ZeRO-3
-      PEFT's `merge_and_unload` does it; under ZeRO-3 we gather the full state dict and merge it (above).
-    - LoRA without `merge_lora`: the adapter only (`adapter_model.safetensors`), plus the tokenizer.
-    Every process must call this (the ZeRO-3 gather is collective); only the main process writes.
-    """
-    from accelerate.utils import is_peft_model
-
-    out_dir = str(out_dir)
-    accelerator = trainer.accelerator
-    unwrapped = accelerator.unwrap_model(trainer.model)
-    if not is_peft_model(unwrapped) or not merge_lora:
-        trainer.save_model(out_dir)
-    else:
-        zero3 = trainer.is_deepspeed_enabled and getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
-        if zero3:
-            state_dict = accelerator.get_state_dict(trainer.model_wrapped)  # collective 16-bit gather
-            if accelerator.is_main_process:
-                merged = merge_lora_state_dict(state_dict, unwrapped.peft_config["default"])
-                base = unwrapped.get_base_model()
-                base.save_pretrained(out_dir, state_dict=merged, safe_serialization=True)
-        elif accelerator.is_main_process:
-            merged_model = unwrapped.merge_and_unload()
-            merged_model.save_pretrained(out_dir, safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for stray in ("training_args.bin", "README.md"):  # Trainer/TRL extras that are not part of our contract
-            path = Path(out_dir) / stray
-            if path.exists():
-                path.unlink()
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir)
-        # every logged step (train and eval), for curves and reports; Trainer keeps it only in checkpoints
-        write_log_history(out_dir, trainer.state.log_history)
-    accelerator.wait_for_everyone()

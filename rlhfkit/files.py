@@ -15,9 +15,11 @@ import json
 import logging
 import os
 import re
+import tempfile
 import zlib
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError, where
 
@@ -256,19 +258,44 @@ def _read_hub(name: str, split: str) -> list[dict]:
     return [dict(row) for row in dataset]
 
 
+# Atomic writes: a temp file in the same directory, renamed into place, so a reader never sees half a file.
 def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
     """Write rows as JSONL to a temp file beside `path`, then rename it into place."""
-    import tempfile
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     opener = gzip.open if path.name.endswith(".gz") else open
     os.close(fd)
-    from .checkpoints import default_file_mode
-
     os.chmod(tmp, default_file_mode())
     with opener(tmp, "wt", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def default_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    """Write JSON to a temp file in the same directory and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.chmod(tmp, default_file_mode())  # mkstemp makes 0600 files; outputs should read like any other file
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=False, default=str)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.chmod(tmp, default_file_mode())
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
     os.replace(tmp, path)

@@ -99,7 +99,7 @@ def _listed_files(directory: Path, skip: frozenset[str], skip_dirs: frozenset[st
 def write_checksums(directory: str | os.PathLike, skip: set[str] | frozenset = frozenset(),
                     skip_dirs: set[str] | frozenset = frozenset()) -> dict:
     """Hash every file under `directory` and write `checksums.json` there atomically (call it last). Returns it."""
-    from .checkpoints import write_json_atomic
+    from .files import write_json_atomic
 
     directory = Path(directory)
     files = {}
@@ -300,7 +300,7 @@ def check_resume(record_dir: str | os.PathLike, identity: dict, resuming_from: s
     checkpoint or rows continued from), refuse result-changing differences in one line, and record the run's
     history. A fresh start (`resuming_from` None) records a new history. `write`: whether this process writes the
     record (the main process); every process compares, so every rank refuses alike. Returns the record."""
-    from .checkpoints import write_json_atomic
+    from .files import write_json_atomic
 
     allowed = allowed_changes() if allowed is None else tuple(allowed)
     path = Path(record_dir) / record_name

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from rlhfkit.checkpoints import INCOMPLETE_MARKER, StageOutput, check_parent, merge_lora_state_dict
+from rlhfkit.checkpoints import INCOMPLETE_MARKER, StageOutput, check_parent
+from rlhfkit.saving import merge_lora_state_dict
 from rlhfkit.errors import UserError
 from rlhfkit.integrity import CHECKSUMS, check_resume, compare_identities, configure, verify_checksums, write_checksums
 

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from rlhfkit.checkpoints import LOCK_FILE, StageOutput, release_all
+from rlhfkit.checkpoints import StageOutput, release_all
+from rlhfkit.locks import LOCK_FILE
 from rlhfkit.data import load_preferences, read_records
 from rlhfkit.errors import UserError
 from rlhfkit.prompts import load_prompts
@@ -258,7 +259,8 @@ def test_generation_shard_reader_names_faults(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 HOLD = """
 import sys, time
-from rlhfkit.checkpoints import RunLock, StageOutput
+from rlhfkit.checkpoints import StageOutput
+from rlhfkit.locks import RunLock
 if sys.argv[1] == "stage":
     out = StageOutput(sys.argv[2], stage="rm")
 else:

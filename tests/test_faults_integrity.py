@@ -196,7 +196,7 @@ def test_a_second_merge_of_one_generation_output_is_refused_naming_the_first(tmp
     out = tmp_path / "gen"
     staging = StageOutput(out, "generate", resume=True).staging
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from rlhfkit.checkpoints import RunLock; "
+        [sys.executable, "-c", "import sys, time; from rlhfkit.locks import RunLock; "
          f"RunLock({str(staging / 'LOCK')!r}, 'generate merge').acquire(False, stage='generate merge'); "
          "print('held', flush=True); time.sleep(60)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

@@ -334,7 +334,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, data_dir, monkeypat
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # killed after training, before the final save
 
-    monkeypatch.setattr("rlhfkit.checkpoints.save_final_model", crash)
+    monkeypatch.setattr("rlhfkit.saving.save_final_model", crash)
     with pytest.raises(KeyboardInterrupt):
         sft_train.main(*_args(*argv))
     monkeypatch.undo()

@@ -57,7 +57,7 @@ def credit_accuracies(subsets: list[str | None], credits: list[float]) -> dict[s
 def evaluate(script_args, benchmark: str, rows: list[dict], data_report: dict, model_path: str, model_record: dict,
              accelerator, dtype, directory: Path) -> dict:
     """Score `rows` (as eval_benchmark.py loaded them) with the PM at `model_path`; write the record dir."""
-    from rlhfkit.checkpoints import write_text_atomic
+    from rlhfkit.files import write_text_atomic
     from rlhfkit.eval import rewardbench2 as rb2
     from rlhfkit.eval.rewardbench import format_table, is_rewardbench, rewardbench_summary
     from rlhfkit.preference_model import PreferenceModelScorer, response_text

@@ -92,7 +92,7 @@ def best_of_n_report(step_scores: list[list[list[float]]], correct: list[list[bo
 
 def evaluate(script_args, model_path: str, model_record: dict, accelerator, dtype, directory: Path) -> dict:
     """Score the PRM at `model_path` on every --dataset_path file; write the record dir."""
-    from rlhfkit.checkpoints import write_text_atomic
+    from rlhfkit.files import write_text_atomic
     from rlhfkit.errors import UserError
     from rlhfkit.files import read_records
     from rlhfkit.process_reward import ProcessRewardScorer, load_step_rows, split_steps

@@ -320,7 +320,7 @@ def evaluate(module, paths: list[str], directory: Path, scorer: Scorer, model_re
 def write_run(directory: Path, results: dict, lines: list[dict], metrics: dict, table: str) -> None:
     """One benchmark run's files (each written to a temp path and renamed): scores.jsonl (per row), results.json,
     metrics.json and table.txt, which is also printed."""
-    from rlhfkit.checkpoints import write_text_atomic
+    from rlhfkit.files import write_text_atomic
 
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomic(directory / "scores.jsonl", "".join(json.dumps(line) + "\n" for line in lines))

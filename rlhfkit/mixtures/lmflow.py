@@ -116,7 +116,7 @@ def read_lmflow_instances(path: str | os.PathLike, expect: str) -> list[dict]:
 
 
 def _write_json(path: str | os.PathLike, payload: dict) -> None:
-    from rlhfkit.checkpoints import write_text_atomic
+    from rlhfkit.files import write_text_atomic
 
     write_text_atomic(path, json.dumps(payload, ensure_ascii=False, indent=None) + "\n")
 
@@ -144,7 +144,7 @@ def import_sft(path: str | os.PathLike) -> list[dict]:
 
 
 def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> int:
-    from rlhfkit.checkpoints import write_text_atomic
+    from rlhfkit.files import write_text_atomic
 
     lines = [json.dumps(row, ensure_ascii=False) for row in rows]
     write_text_atomic(path, "".join(line + "\n" for line in lines))

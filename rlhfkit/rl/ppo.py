@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.checkpoints import StageOutput, merge_lora_state_dict, write_json_atomic
+from rlhfkit.checkpoints import StageOutput
+from rlhfkit.files import write_json_atomic
+from rlhfkit.saving import merge_lora_state_dict
 from rlhfkit.faults import seal_checkpoint
 from rlhfkit.rl import estimators as rl
 from rlhfkit.rl import objectives

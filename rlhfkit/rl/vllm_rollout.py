@@ -119,7 +119,7 @@ def merged_state_dict(policy, dtype: torch.dtype | None = None) -> dict[str, tor
     them into its own layout), optionally cast to the engine's dtype."""
     from accelerate.utils import is_peft_model
 
-    from rlhfkit.checkpoints import merge_lora_state_dict
+    from rlhfkit.saving import merge_lora_state_dict
 
     state = policy.state_dict()
     if is_peft_model(policy):
