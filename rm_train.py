@@ -7,7 +7,7 @@ DeBERTa…); full fine-tuning, LoRA or QLoRA (the reward head is trained and sav
 format of `rlhfkit.data`, several sources at once (`path:N` / `path:0.3`); margins; reward centering; prompt
 truncation from the left instead of dropping long pairs (`--truncation left_prompt`, counted); an eval split
 (`--validation_split_percentage` or `--eval_dataset_path`) with exact accuracy; multi-objective training
-(`--objective multitask|more`, see rlhfkit/more.py); ZeRO-2/3 via configs/accelerate/*.yaml with complete weights
+(`--objective multitask|more`, see rlhfkit/train/more.py); ZeRO-2/3 via configs/accelerate/*.yaml with complete weights
 on save; `--resume_from_checkpoint true`.
 
 Assumptions: one scalar reward per sequence, read at the last non-pad token (decoder LMs) or the pooled first token
@@ -42,10 +42,10 @@ class ScriptArguments(PairwiseArguments, DataArguments):
     )
     objective: str = field(default="bt", metadata={"help": "bt | multitask | more (multi-objective; needs a 'source' per row)."})
     alpha: float = field(default=0.99, metadata={"help": "MORE: weight of the current step's per-source head gradient "
-                         "in its running average (1 = no momentum; see rlhfkit/more.py)."})
+                         "in its running average (1 = no momentum; see rlhfkit/train/more.py)."})
     normalize: str = field(default="l2", metadata={"help": "MORE: gradient normalisation before the min-norm solve: l2 | none."})
     more_weighting: str = field(default="reference", metadata={"help": "MORE: reference (the paper's code: losses "
-                                "weighted by the min-norm λ) | inverse_norm (λ_k/‖g_k‖, see rlhfkit/more.py)."})
+                                "weighted by the min-norm λ) | inverse_norm (λ_k/‖g_k‖, see rlhfkit/train/more.py)."})
     reward_stats_samples: int = field(
         default=1000, metadata={"help": "Training pairs scored after training for run_info.json's reward mean/std."}
     )
@@ -145,11 +145,11 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     pairwise = {"pairwise_forward": script_args.pairwise_forward,
                 "max_tokens_per_batch": script_args.max_tokens_per_batch}
     if script_args.objective != "bt":
-        # the per-source head gradients of rlhfkit/more.py read pooled features off TRL's padded rows
+        # the per-source head gradients of rlhfkit/train/more.py read pooled features off TRL's padded rows
         if script_args.pairwise_forward not in ("auto", "padded"):
             logger.info("--objective %s runs the padded pairwise forward", script_args.objective)
         pairwise = {"pairwise_forward": "padded", "max_tokens_per_batch": None}
-        from rlhfkit.train.more import trainer_class
+        from rlhfkit.train.more_trainer import trainer_class
 
         trainer_cls = trainer_class(script_args.objective)
         extra = {"alpha": script_args.alpha, "normalize": script_args.normalize, "source_names": list(source_index),

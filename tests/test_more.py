@@ -1,4 +1,4 @@
-"""MORE (rlhfkit/more.py): min-norm solver against closed form and brute force, momentum and normalisation by hand,
+"""MORE (rlhfkit/train/more.py): min-norm solver against closed form and brute force, momentum and normalisation by hand,
 reward-head gradients against autograd on a real HF model (full and LoRA), the per-source sampler, MORE beating
 the multitask baseline on the worst source of a synthetic mixture, and `rm_train.py --objective more|multitask`."""
 
@@ -14,10 +14,7 @@ from torch import nn
 
 from rlhfkit.errors import UserError
 from rlhfkit.train.more import (
-    MoreRewardTrainer,
     MoreWeighting,
-    MultitaskRewardTrainer,
-    SourceBalancedBatchSampler,
     SourceWeightedLoss,
     capture_reward_head,
     head_gradients,
@@ -29,8 +26,8 @@ from rlhfkit.train.more import (
     reference_min_norm_two,
     reference_min_norm_weights,
     reward_gradients,
-    trainer_class,
 )
+from rlhfkit.train.more_trainer import MoreRewardTrainer, MultitaskRewardTrainer, SourceBalancedBatchSampler, trainer_class
 
 torch.set_num_threads(1)  # 2 shared cores: oversubscribed threads make tiny models ~10x slower
 

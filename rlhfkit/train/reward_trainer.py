@@ -7,7 +7,7 @@ What we change:
   counted), instead of TRL silently dropping every pair longer than max_length.
 - The loss is `rlhfkit.train.losses.bradley_terry_loss` (margin, centering), and its metrics come from the same tensors.
 - Eval accuracy is exact (correct pairs / pairs over the whole eval set, across processes), not a mean of batch means.
-- `source_index` passes through the collator for multi-objective training (rlhfkit.train.more).
+- `source_index` passes through the collator for multi-objective training (rlhfkit.train.more_trainer).
 - The pairwise forward is `rlhfkit.pairwise`'s (`pairwise_forward`, default the fastest exact layout for the model):
   each pair's prompt is computed once and pairs are packed without padding; `padded` keeps TRL's collator and
   forward. `max_tokens_per_batch` splits each batch into micro-batches of at most that many laid-out tokens, each
