@@ -1,5 +1,5 @@
 """rlhfkit.generations: one reader of generation rows with one id rule, stage-dir lookup, and its three users
-(annotate/, eval_winrate.py, rlhfkit/report.py) agreeing on it."""
+(annotate/, eval_winrate.py, rlhfkit/eval/report_inputs.py) agreeing on it."""
 
 from __future__ import annotations
 
@@ -95,12 +95,12 @@ def test_stage_dir_lookup_follows_the_stage_contract(tmp_path):
 def test_annotate_winrate_and_report_read_rows_the_same_way(tmp_path):
     import eval_winrate
     from annotate import build_pairs
-    from rlhfkit.eval import report
+    from rlhfkit.eval import report_inputs
 
     path = _write(tmp_path / "gen.jsonl", ROWS)
     ids = [row["id"] for row in read_generations(path)]
     assert [row["id"] for row in build_pairs.read_rows(str(path), need_rewards=False)] == ids
-    assert report.load_generations("base", str(path)).ids == ids
+    assert report_inputs.load_generations("base", str(path)).ids == ids
     judged = eval_winrate.read_generations(str(path), 0)
     assert [row["id"] for row in judged] == ["7", None, None]  # rows without their own id match by prompt
     pairs, counts = eval_winrate.match_rows(judged, judged, "auto", str(path), str(path))

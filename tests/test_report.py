@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlhfkit.eval import report
+from rlhfkit.eval import report, report_inputs
 from rlhfkit.cli import parse_args
 from rlhfkit.errors import UserError
 
@@ -48,7 +48,7 @@ def test_prompt_means_and_paired_differences():
 
 
 def _gen(name, ids, texts):
-    return report.Generations(name, f"{name}.jsonl", ids, [[{"role": "user", "content": f"q{i}"}] for i in ids], texts)
+    return report_inputs.Generations(name, f"{name}.jsonl", ids, [[{"role": "user", "content": f"q{i}"}] for i in ids], texts)
 
 
 def test_summarize_numbers_by_hand():
@@ -84,24 +84,24 @@ def test_read_log_history_from_the_places_stages_leave_it(tmp_path):
                 (folder / "trainer_state.json").write_text(json.dumps({"log_history": loss}))
         else:  # a Hugging Face Trainer output dir of another tool
             (stage / layout).write_text(json.dumps({"log_history": entries}))
-        assert report.read_log_history(stage) == entries, layout
+        assert report_inputs.read_log_history(stage) == entries, layout
     jsonl = tmp_path / "ppo"
     jsonl.mkdir()  # PPO appends a line per step; a torn line (killed while appending) is skipped
     (jsonl / "log_history.jsonl").write_text('{"step": 1, "kl": 0.1}\nnot json\n{"step": 2, "kl": 0.3}\n')
-    assert [e["kl"] for e in report.read_log_history(jsonl)] == [0.1, 0.3]
-    assert report.read_log_history(tmp_path / "nothing") == []
+    assert [e["kl"] for e in report_inputs.read_log_history(jsonl)] == [0.1, 0.3]
+    assert report_inputs.read_log_history(tmp_path / "nothing") == []
 
 
 def test_final_values_include_keys_logged_once():
     history = [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.5, "kl/k1": "0.02"}, {"step": 3, "loss": None}]
-    assert dict(report.final_values(history)) == {"loss": 0.5, "kl/k1": 0.02}
+    assert dict(report_inputs.final_values(history)) == {"loss": 0.5, "kl/k1": 0.02}
 
 
 def test_curve_series_keeps_known_keys_with_two_points():
     history = [{"step": 5, "loss": "0.69", "eval_accuracy": 0.5, "learning_rate": 1e-4},
                {"step": 10, "loss": 0.4, "objective/kl": 0.2},
                {"step": 15, "loss": float("nan")}, {"train_runtime": 3.0, "step": 15}]
-    series = report.curve_series(history)
+    series = report_inputs.curve_series(history)
     assert list(series) == ["loss"]  # eval_accuracy and objective/kl have one point; learning_rate is not a curve
     assert series["loss"] == ([5.0, 10.0], [0.69, 0.4])
 
@@ -109,14 +109,14 @@ def test_curve_series_keeps_known_keys_with_two_points():
 def test_read_rm_accuracy(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"eval_accuracy": 0.8, "eval_loss": 0.4,
                                                        "subsets": {"chat": {"accuracy": 0.75}}}))
-    assert report.read_rm_accuracy(str(tmp_path)) == {"eval_accuracy": 0.8}  # top level wins
+    assert report_inputs.read_rm_accuracy(str(tmp_path)) == {"eval_accuracy": 0.8}  # top level wins
     (tmp_path / "nested.json").write_text(json.dumps({"subsets": {"chat": {"accuracy": 0.75}}, "loss": 0.1}))
-    assert report.read_rm_accuracy(str(tmp_path / "nested.json")) == {"subsets/chat/accuracy": 0.75}
+    assert report_inputs.read_rm_accuracy(str(tmp_path / "nested.json")) == {"subsets/chat/accuracy": 0.75}
     (tmp_path / "bad.json").write_text(json.dumps({"loss": 1.0}))
     with pytest.raises(UserError, match="no accuracy"):
-        report.read_rm_accuracy(str(tmp_path / "bad.json"))
+        report_inputs.read_rm_accuracy(str(tmp_path / "bad.json"))
     with pytest.raises(UserError, match="not found"):
-        report.read_rm_accuracy(str(tmp_path / "missing"))
+        report_inputs.read_rm_accuracy(str(tmp_path / "missing"))
 
 
 def test_bad_generation_rows_name_file_row_and_field(tmp_path):
@@ -124,17 +124,17 @@ def test_bad_generation_rows_name_file_row_and_field(tmp_path):
     path.write_text(json.dumps({"id": "1", "prompt": [{"role": "user", "content": "q"}], "responses": ["a"]}) + "\n"
                     + json.dumps({"id": "2", "prompt": [{"role": "user", "content": "q"}], "responses": "a"}) + "\n")
     with pytest.raises(UserError, match=r"gen.jsonl: row 2: field 'responses'"):
-        report.load_generations("base", str(path))
+        report_inputs.load_generations("base", str(path))
 
 
 def test_named_arguments():
-    assert report.parse_named(["base=a.jsonl", "dpo=b=c.jsonl"], "generations") == {"base": "a.jsonl",
+    assert report_inputs.parse_named(["base=a.jsonl", "dpo=b=c.jsonl"], "generations") == {"base": "a.jsonl",
                                                                                      "dpo": "b=c.jsonl"}
-    assert report.parse_named(["runs/eval/"], "rm_eval", default_names=True) == {"eval": "runs/eval/"}
+    assert report_inputs.parse_named(["runs/eval/"], "rm_eval", default_names=True) == {"eval": "runs/eval/"}
     with pytest.raises(UserError, match="expected name=path"):
-        report.parse_named(["a.jsonl"], "generations")
+        report_inputs.parse_named(["a.jsonl"], "generations")
     with pytest.raises(UserError, match="given twice"):
-        report.parse_named(["a=1", "a=2"], "generations")
+        report_inputs.parse_named(["a=1", "a=2"], "generations")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def test_full_report_on_synthetic_generations(tmp_path, models, capsys):
 
 def test_kl_of_the_reference_to_itself_is_zero(tmp_path, models):
     _write_generations(tmp_path / "gen.jsonl", CHEERFUL, n_prompts=3)
-    generations = report.load_generations("ref", str(tmp_path / "gen.jsonl"))
+    generations = report_inputs.load_generations("ref", str(tmp_path / "gen.jsonl"))
     kl = report.kl_to_reference(models["reference"], models["reference"], generations, batch_size=4)
     assert [len(row) for row in kl] == [2, 2, 2]
     assert all(abs(value) < 1e-5 for row in kl for value in row)
