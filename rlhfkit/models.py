@@ -201,6 +201,17 @@ def load_reward_model(path: str, model_args=None, new_head: bool = False, **kwar
     return model
 
 
+def load_frozen_causal_lm(path: str, dtype=None, device=None):
+    """(tokenizer, model) of a causal-LM checkpoint used as a scorer: eval mode, a pad token, on `device` (the
+    pairwise preference model and the process reward model, `rlhfkit.preference_model` / `process_reward`)."""
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, **({"dtype": dtype} if dtype is not None else {})).eval()
+    ensure_pad_token(tokenizer, model)
+    if device is not None:
+        model.to(device)
+    return tokenizer, model
+
+
 def load_causal_lm(path: str, model_args=None, **kwargs):
     from transformers import AutoModelForCausalLM
 

@@ -275,7 +275,7 @@ class PreferenceModelScorer:
     def __init__(self, path: str, batch_size: int = 16, max_length: int | None = None, device=None, *,
                  tournament: str = "round_robin", dtype=None):
         from .checkpoints import check_parent
-        from .models import ensure_pad_token, load_causal_lm, load_tokenizer
+        from .models import load_frozen_causal_lm
 
         if tournament not in TOURNAMENTS:
             raise UserError(f"--tournament must be one of {', '.join(TOURNAMENTS)}, not '{tournament}'")
@@ -286,12 +286,7 @@ class PreferenceModelScorer:
                             "train one with pm_train.py)")
         self.path, self.template, self.tournament = path, template, tournament
         self.batch_size, self.max_length = batch_size, max_length
-        self.tokenizer = load_tokenizer(path)
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        self.model = load_causal_lm(path, **kwargs).eval()
-        ensure_pad_token(self.tokenizer, self.model)
-        if device is not None:
-            self.model.to(device)
+        self.tokenizer, self.model = load_frozen_causal_lm(path, dtype, device)
         label_token_ids(self.tokenizer, template)  # fail now, in one line, if a label is not one token
         self.counts = {"comparisons": 0, "truncated_sequences": 0}
         self.info = {"labeler": path, "kind": "preference_model", "tournament": tournament,

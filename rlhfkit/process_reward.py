@@ -365,7 +365,7 @@ class ProcessRewardScorer:
     def __init__(self, path: str, batch_size: int = 8, max_length: int | None = None, device=None, *,
                  aggregate: str = "min", dtype=None):
         from .checkpoints import check_parent
-        from .models import ensure_pad_token, load_causal_lm, load_tokenizer
+        from .models import load_frozen_causal_lm
 
         if aggregate not in AGGREGATES:
             raise UserError(f"--aggregate must be one of {', '.join(AGGREGATES)}, not '{aggregate}'")
@@ -376,11 +376,7 @@ class ProcessRewardScorer:
                             "with prm_train.py)")
         self.path, self.format, self.how = path, fmt, aggregate
         self.batch_size, self.max_length = batch_size, max_length
-        self.tokenizer = load_tokenizer(path)
-        self.model = load_causal_lm(path, **({"dtype": dtype} if dtype is not None else {})).eval()
-        ensure_pad_token(self.tokenizer, self.model)
-        if device is not None:
-            self.model.to(device)
+        self.tokenizer, self.model = load_frozen_causal_lm(path, dtype, device)
         label_token_ids(self.tokenizer, fmt)
         self.info = {"labeler": path, "kind": "process_reward_model", "aggregate": aggregate, "format": fmt.to_dict()}
 
