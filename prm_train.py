@@ -113,15 +113,19 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     # ---------------------------------------------------------------- train
     # the staging dir appears only now, so bad input above leaves nothing behind
     output, resume_from = StageOutput.for_trainer(training_args, "prm", overwrite=model_args.overwrite_output_dir)
+    # "before training" is measured inside train() (eval_on_start), not by an evaluate() ahead of it: under ZeRO-3
+    # that leaves HF's Trainer holding an inference engine and no training engine (backward on None)
+    measure_start = eval_dataset is not None and resume_from is None
+    training_args.eval_on_start = training_args.eval_on_start or measure_start
     trainer = LabelTokenTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                 eval_dataset=eval_dataset, processing_class=tokenizer, candidates=candidates,
                                 metric="steps", pairwise_forward=script_args.pairwise_forward)
     install_fault_handlers(trainer, training_args)  # preemption → checkpoint + exit 75; non-finite loss → stop
     metrics: dict = {}
-    if eval_dataset is not None and resume_from is None:
-        metrics.update({f"{k}_before": v for k, v in trainer.evaluate().items()
-                        if k in ("eval_loss", "eval_step_accuracy", "eval_negative_f1")})
     train_result = trainer.train(resume_from_checkpoint=resume_from)
+    if measure_start:  # the step-0 evaluation of eval_on_start
+        start = next(entry for entry in trainer.state.log_history if "eval_loss" in entry)
+        metrics.update({f"{k}_before": v for k, v in start.items() if k in ("eval_loss", "eval_step_accuracy", "eval_negative_f1")})
     metrics.update({f"train_{k}" if not k.startswith("train") else k: v for k, v in train_result.metrics.items()})
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())

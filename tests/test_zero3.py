@@ -68,16 +68,16 @@ def test_zero3_two_ranks_trains_the_preference_and_process_reward_models(tmp_pat
     from tests.conftest import sentiment_pairs
     from tests.test_process_reward import parity_rows
 
-    if stage == "pm":
-        train, heldout = sentiment_pairs(64, seed=1), sentiment_pairs(8, seed=2)
+    if stage == "pm":  # the settings of each stage's single-process chain test
+        train, heldout, epochs, lr = sentiment_pairs(64, seed=1), sentiment_pairs(8, seed=2), "4", "1e-2"
     else:
-        train, heldout = parity_rows(64, seed=1), parity_rows(8, seed=2)
+        train, heldout, epochs, lr = parity_rows(64, seed=1), parity_rows(8, seed=2), "6", "5e-3"
     out = tmp_path / stage
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/zero3.yaml",
                "--num_processes", "2", f"{stage}_train.py", "--model_name_or_path", str(tiny_llama_dir),
                "--dataset_path", str(write_jsonl(tmp_path / "train.jsonl", train)),
                "--eval_dataset_path", str(write_jsonl(tmp_path / "heldout.jsonl", heldout)), "--output_dir", str(out),
-               "--num_train_epochs", "4", "--learning_rate", "1e-2", "--per_device_train_batch_size", "4",
+               "--num_train_epochs", epochs, "--learning_rate", lr, "--per_device_train_batch_size", "4",
                "--per_device_eval_batch_size", "4", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=dict(os.environ))
     assert result.returncode == 0, result.stderr[-4000:]
