@@ -155,6 +155,7 @@ run_stage(main, [], [])
 """
 
 
+@pytest.mark.slow  # two launcher processes each (not a stage run, but seconds of process start-up)
 @pytest.mark.parametrize("launcher", ["accelerate", "rlhfkit"])
 def test_one_process_hears_the_notice_only_through_rlhfkit_launch(tmp_path, launcher):
     # `accelerate launch` with one process dies on SIGTERM and its stage never hears of it (it runs on, orphaned);

@@ -114,25 +114,27 @@ def test_failing_servers_stop_the_run_keeping_answered_rows_then_rerun_continues
 
 
 def test_server_killed_mid_run_its_prompts_go_to_the_other(servers, prompt_file, tmp_path, monkeypatch):
-    """Last in the module: SIGKILL to the second server (its whole process group) after a few answers."""
+    """Last in the module: SIGKILL to the second server (its whole process group) right after its first answer
+    (both workers take a prompt at once from the shared queue, so the second server always answers one; how many
+    more it would answer depends on timing, which made a later kill flaky)."""
     generate.main(args_for(prompt_file, tmp_path / "reference", servers.urls[:1]))
     reference = read(tmp_path / "reference" / "generations.jsonl")
     victim, survivor = servers.urls[1], servers.urls[0]
     real, answered = api_client._request, {victim: 0, survivor: 0}
 
-    def kill_after_two_answers_from_victim(method, url, payload, timeout):
+    def kill_after_the_first_answer_from_victim(method, url, payload, timeout):
         answer = real(method, url, payload, timeout)
         if method == "POST":
             base = url.rsplit("/v1/", 1)[0]
             answered[base] += 1
-            if base == victim and answered[victim] == 2:
+            if base == victim and answered[victim] == 1:
                 os.killpg(servers.processes[1].pid, signal.SIGKILL)
                 servers.processes[1].wait(timeout=30)
         return answer
 
-    monkeypatch.setattr(api_client, "_request", kill_after_two_answers_from_victim)
+    monkeypatch.setattr(api_client, "_request", kill_after_the_first_answer_from_victim)
     out = tmp_path / "killed"
     generate.main(args_for(prompt_file, out, servers.urls, api_concurrency=1, batch_size=12))
     rows = read(out / "generations.jsonl")
     assert rows == reference  # every prompt once, with the samples its seed gives on any server
-    assert servers.processes[1].poll() is not None and answered[victim] == 2 and answered[survivor] == 10
+    assert servers.processes[1].poll() is not None and answered[victim] == 1 and answered[survivor] == 11
