@@ -21,6 +21,16 @@ torch.set_num_threads(1)
 os.environ.setdefault("RLHFKIT_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "rlhfkit-test-cache"))
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (tiny matrices: more threads only add contention on a shared machine);
+    PPO modules use it for every test (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir() -> Path:
     from rlhfkit.builtin_models import materialize

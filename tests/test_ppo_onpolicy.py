@@ -34,12 +34,7 @@ def varied_reward(prompts, responses):
     return [(sum(map(ord, text)) % 101) / 10.0 for text in responses]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

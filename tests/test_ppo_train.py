@@ -55,12 +55,7 @@ REWARD_FN = f"{__file__}:positive_words_reward"
 # ---------------------------------------------------------------------------------------------------------------
 # fixtures
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared machine
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -60,12 +60,7 @@ def test_weighting_the_advantage_equals_weighting_the_clipped_loss():
 # ---------------------------------------------------------------------------------------------------------------
 # stage runs on the real engine
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
