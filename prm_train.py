@@ -25,11 +25,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
-
-from rlhfkit.args import DataArguments, ModelArguments, TrainingDefaults, check_pairwise_forward, pairwise_forward_field
-from rlhfkit.cli import run_stage, setup_logging, to_dict
+from rlhfkit.args import DataArguments, ModelArguments, check_pairwise_forward, pairwise_forward_field
+from rlhfkit.cli import run_stage, setup_logging
 from rlhfkit.errors import UserError
+from rlhfkit.train.label_token_trainer import LabelTokenArguments
 
 logger = logging.getLogger("prm_train")
 
@@ -48,13 +47,11 @@ class ScriptArguments(DataArguments):
 
 
 @dataclass
-class PRMArguments(TrainingDefaults, TrainingArguments):
+class PRMArguments(LabelTokenArguments):
     """HF TrainingArguments with this toolkit's defaults (rlhfkit.args.TrainingDefaults)."""
 
     max_length: int | None = field(default=2048, metadata={"help": "Longest row in tokens; steps ending beyond it "
                                    "are cut and counted."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept off: the collator reads our columns."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint (as TRL's configs)."})
 
 
 ARGUMENTS = (ScriptArguments, ModelArguments, PRMArguments)  # what main takes, in order (CLI, YAML, tests)
@@ -63,35 +60,23 @@ ARGUMENTS = (ScriptArguments, ModelArguments, PRMArguments)  # what main takes, 
 def main(script_args: ScriptArguments, model_args: ModelArguments, training_args: PRMArguments) -> dict:
     # ---------------------------------------------------------------- setup
     import transformers
-    from datasets import Dataset
 
     from rlhfkit.checkpoints import StageOutput, trainer_run_info
-    from rlhfkit.saving import save_final_model
     from rlhfkit.data import train_eval_split
-    from rlhfkit.faults import install_fault_handlers
-    from rlhfkit.models import ensure_pad_token, load_causal_lm, load_tokenizer, peft_config, resolve_model
+    from rlhfkit.models import load_trainable_causal_lm, resolve_causal_start
     from rlhfkit.process_reward import RUN_INFO_KEY, StepFormat, label_token_ids, load_step_rows, training_examples
-    from rlhfkit.train.label_token_trainer import LabelTokenTrainer
+    from rlhfkit.train.label_token_trainer import train_label_token_stage
 
     StageOutput.check_free(training_args.output_dir, model_args.overwrite_output_dir)
     setup_logging(training_args.process_index == 0)
     transformers.set_seed(training_args.seed)
 
     # ---------------------------------------------------------------- model & tokenizer
-    model_path, model_record = resolve_model(model_args.model_name_or_path)
-    if model_record.get("parent_stage") == "rm":
-        raise UserError(f"{model_args.model_name_or_path}: is a reward model (stage 'rm'); a process reward model "
-                        "starts from a causal LM")
-    tokenizer = load_tokenizer(model_path, model_args.chat_template, trust_remote_code=training_args.trust_remote_code)
+    trust = training_args.trust_remote_code
+    model_path, model_record, tokenizer = resolve_causal_start(model_args, "a process reward model", trust)
     fmt = StepFormat(step_separator=script_args.step_separator)
-    candidates = label_token_ids(tokenizer, fmt)
-    model = load_causal_lm(model_path, model_args, trust_remote_code=training_args.trust_remote_code)
-    pad_action = ensure_pad_token(tokenizer, model)
-    lora = peft_config(model_args, "CAUSAL_LM")
-    if lora is not None:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, lora)
+    candidates = label_token_ids(tokenizer, fmt)  # before the model loads: a bad tokenizer fails fast
+    model, pad_action = load_trainable_causal_lm(model_path, model_args, tokenizer, trust)
 
     # ---------------------------------------------------------------- data
     rows, report = load_step_rows(script_args.dataset_path, script_args.dataset_split, script_args.skip_invalid_rows)
@@ -107,42 +92,16 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     logger.info("step rows (max_length=%s): train %s; eval %s", max_length, train_counts, eval_counts)
     if not train_records:
         raise UserError(f"all {len(train_rows)} training rows are longer than --max_length {max_length}")
-    train_dataset = Dataset.from_list(train_records)
-    eval_dataset = Dataset.from_list(eval_records) if eval_records else None
 
-    # ---------------------------------------------------------------- train
-    # the staging dir appears only now, so bad input above leaves nothing behind
-    output, resume_from = StageOutput.for_trainer(training_args, "prm", overwrite=model_args.overwrite_output_dir)
-    # "before training" is measured inside train() (eval_on_start), not by an evaluate() ahead of it: under ZeRO-3
-    # that leaves HF's Trainer holding an inference engine and no training engine (backward on None)
-    measure_start = eval_dataset is not None and resume_from is None
-    training_args.eval_on_start = training_args.eval_on_start or measure_start
-    trainer = LabelTokenTrainer(model=model, args=training_args, train_dataset=train_dataset,
-                                eval_dataset=eval_dataset, processing_class=tokenizer, candidates=candidates,
-                                metric="steps", pairwise_forward=script_args.pairwise_forward)
-    install_fault_handlers(trainer, training_args)  # preemption → checkpoint + exit 75; non-finite loss → stop
-    metrics: dict = {}
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
-    if measure_start:  # the step-0 evaluation of eval_on_start
-        start = next(entry for entry in trainer.state.log_history if "eval_loss" in entry)
-        metrics.update({f"{k}_before": v for k, v in start.items() if k in ("eval_loss", "eval_step_accuracy", "eval_negative_f1")})
-    metrics.update({f"train_{k}" if not k.startswith("train") else k: v for k, v in train_result.metrics.items()})
-    if eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-
-    # ---------------------------------------------------------------- save
-    save_final_model(trainer, output.staging, tokenizer, merge_lora=not model_args.save_adapter_only)
-    args = to_dict(script_args, model_args, training_args)
-    run_info = {
-        **trainer_run_info(script_args, model_args, model_record, tokenizer, pad_action, train_rows, report,
-                           steps={"train": train_counts, "eval": eval_counts}),
-        RUN_INFO_KEY: fmt.to_dict(),
-        "label_token_ids": candidates,
-        "pairwise_forward": trainer.pairwise_layout,
-    }
-    metrics["data"] = {"train": train_counts, "eval": eval_counts}
-    output.finalize(run_info, metrics, args)
-    return metrics
+    # ---------------------------------------------------------------- train & save
+    run_info = {**trainer_run_info(script_args, model_args, model_record, tokenizer, pad_action, train_rows, report,
+                                  steps={"train": train_counts, "eval": eval_counts}),
+                RUN_INFO_KEY: fmt.to_dict()}
+    return train_label_token_stage(
+        "prm", script_args, model_args, training_args, model=model, model_path=model_path, tokenizer=tokenizer,
+        candidates=candidates, train_rows=train_rows, train_records=train_records, eval_records=eval_records,
+        metric="steps", run_info=run_info, counts={"train": train_counts, "eval": eval_counts},
+        before_keys=("eval_loss", "eval_step_accuracy", "eval_negative_f1"))
 
 
 if __name__ == "__main__":

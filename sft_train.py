@@ -75,7 +75,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     from rlhfkit.saving import save_final_model
     from rlhfkit.data import train_eval_split
     from rlhfkit.faults import install_fault_handlers
-    from rlhfkit.models import ensure_pad_token, load_causal_lm, load_tokenizer, peft_config, resolve_model
+    from rlhfkit.models import ensure_pad_token, load_causal_lm, peft_config, resolve_causal_start
     from rlhfkit.train.sft_data import load_sft
 
     StageOutput.check_free(training_args.output_dir, model_args.overwrite_output_dir)
@@ -83,10 +83,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     setup_logging(training_args.process_index == 0)
 
     # ---------------------------------------------------------------- model & tokenizer
-    model_path, model_record = resolve_model(model_args.model_name_or_path)
-    if model_record.get("parent_stage") == "rm":
-        raise UserError(f"{model_args.model_name_or_path}: is a reward model (stage 'rm'); SFT starts from a causal LM")
-    tokenizer = load_tokenizer(model_path, model_args.chat_template, trust_remote_code=training_args.trust_remote_code)
+    model_path, model_record, tokenizer = resolve_causal_start(model_args, "SFT", training_args.trust_remote_code)
     model = load_causal_lm(model_path, model_args, trust_remote_code=training_args.trust_remote_code)
     pad_action = ensure_pad_token(tokenizer, model)
     lora = peft_config(model_args, task_type="CAUSAL_LM")

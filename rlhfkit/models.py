@@ -212,12 +212,50 @@ def load_frozen_causal_lm(path: str, dtype=None, device=None):
     return tokenizer, model
 
 
+def load_label_token_checkpoint(path: str, role: str, read_spec, key: str, trained_by: str, dtype=None, device=None):
+    """(spec, tokenizer, model) of a label-token checkpoint (the pairwise PM, the PRM): a complete stage output
+    (`check_parent`) whose run_info.json holds `key`, read by `read_spec(path)`; the model frozen as a scorer. A
+    checkpoint without it is refused in one line naming `trained_by`, the stage that writes one."""
+    from .checkpoints import check_parent
+
+    check_parent(path, role=role)
+    spec = read_spec(path)
+    if spec is None:
+        raise UserError(f"{path}: not a {role} (run_info.json has no '{key}'; train one with {trained_by})")
+    tokenizer, model = load_frozen_causal_lm(path, dtype, device)
+    return spec, tokenizer, model
+
+
 def load_causal_lm(path: str, model_args=None, **kwargs):
     from transformers import AutoModelForCausalLM
 
     init = model_init_kwargs(model_args) if model_args is not None else {}
     init.update(kwargs)
     return _load(AutoModelForCausalLM, path, **init)
+
+
+def resolve_causal_start(model_args, what: str, trust_remote_code: bool = False) -> tuple[str, dict, object]:
+    """(model_path, model_record, tokenizer) of the causal LM a training stage starts from (SFT, the PM, the PRM);
+    a reward model (stage "rm") is refused in one line naming `what` the stage trains."""
+    model_path, model_record = resolve_model(model_args.model_name_or_path)
+    if model_record.get("parent_stage") == "rm":
+        raise UserError(f"{model_args.model_name_or_path}: is a reward model (stage 'rm'); {what} starts from a "
+                        "causal LM")
+    tokenizer = load_tokenizer(model_path, model_args.chat_template, trust_remote_code=trust_remote_code)
+    return model_path, model_record, tokenizer
+
+
+def load_trainable_causal_lm(model_path: str, model_args, tokenizer, trust_remote_code: bool = False):
+    """(model, pad_action): the causal LM with a pad token (`ensure_pad_token`), wrapped in LoRA (peft) when the
+    flags ask for it. For stages whose Trainer takes a ready model (SFT hands the LoRA config to TRL instead)."""
+    model = load_causal_lm(model_path, model_args, trust_remote_code=trust_remote_code)
+    pad_action = ensure_pad_token(tokenizer, model)
+    lora = peft_config(model_args, "CAUSAL_LM")
+    if lora is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora)
+    return model, pad_action
 
 
 def match_vocabulary(ref_model, model, vocab_before_pad: int, ref_requested: str) -> None:

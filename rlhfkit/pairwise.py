@@ -435,19 +435,7 @@ def token_logprobs(model, plan_: Plan, temperature: float = 1.0, extras: bool = 
     entropy: also the entropy of each position's distribution, with grad (PPO's entropy bonus); `extras` gives it
     without grad, with the other diagnostics.
     """
-    inner = unwrap(model)
-    head = inner.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(inner).__name__} has no LM head")
-
-    def pre(module, args):
-        hidden = args[0]
-        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, plan_.logit_index).unsqueeze(0)
-        return (picked,) + tuple(args[1:])
-
-    with _hook(head, pre=pre):
-        logits = model(**model_inputs(model, plan_, causal=True), use_cache=False).logits[0]
-    logits = logits.float()
+    logits = logits_at(model, plan_, plan_.logit_index).float()
     if temperature != 1.0:
         logits = logits / temperature
     if len(suppressed):  # after the temperature, as PPO's padded forward (`PolicyAndValue.forward`)

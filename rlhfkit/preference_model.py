@@ -274,19 +274,14 @@ class PreferenceModelScorer:
 
     def __init__(self, path: str, batch_size: int = 16, max_length: int | None = None, device=None, *,
                  tournament: str = "round_robin", dtype=None):
-        from .checkpoints import check_parent
-        from .models import load_frozen_causal_lm
+        from .models import load_label_token_checkpoint
 
         if tournament not in TOURNAMENTS:
             raise UserError(f"--tournament must be one of {', '.join(TOURNAMENTS)}, not '{tournament}'")
-        check_parent(path, role="preference model")
-        template = read_template(path)
-        if template is None:
-            raise UserError(f"{path}: not a pairwise preference model (run_info.json has no '{RUN_INFO_KEY}'; "
-                            "train one with pm_train.py)")
+        template, self.tokenizer, self.model = load_label_token_checkpoint(
+            path, "pairwise preference model", read_template, RUN_INFO_KEY, "pm_train.py", dtype, device)
         self.path, self.template, self.tournament = path, template, tournament
         self.batch_size, self.max_length = batch_size, max_length
-        self.tokenizer, self.model = load_frozen_causal_lm(path, dtype, device)
         label_token_ids(self.tokenizer, template)  # fail now, in one line, if a label is not one token
         self.counts = {"comparisons": 0, "truncated_sequences": 0}
         self.info = {"labeler": path, "kind": "preference_model", "tournament": tournament,

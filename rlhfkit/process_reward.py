@@ -364,19 +364,14 @@ class ProcessRewardScorer:
 
     def __init__(self, path: str, batch_size: int = 8, max_length: int | None = None, device=None, *,
                  aggregate: str = "min", dtype=None):
-        from .checkpoints import check_parent
-        from .models import load_frozen_causal_lm
+        from .models import load_label_token_checkpoint
 
         if aggregate not in AGGREGATES:
             raise UserError(f"--aggregate must be one of {', '.join(AGGREGATES)}, not '{aggregate}'")
-        check_parent(path, role="process reward model")
-        fmt = read_step_format(path)
-        if fmt is None:
-            raise UserError(f"{path}: not a process reward model (run_info.json has no '{RUN_INFO_KEY}'; train one "
-                            "with prm_train.py)")
+        fmt, self.tokenizer, self.model = load_label_token_checkpoint(
+            path, "process reward model", read_step_format, RUN_INFO_KEY, "prm_train.py", dtype, device)
         self.path, self.format, self.how = path, fmt, aggregate
         self.batch_size, self.max_length = batch_size, max_length
-        self.tokenizer, self.model = load_frozen_causal_lm(path, dtype, device)
         label_token_ids(self.tokenizer, fmt)
         self.info = {"labeler": path, "kind": "process_reward_model", "aggregate": aggregate, "format": fmt.to_dict()}
 

@@ -266,30 +266,15 @@ def _set_env(values: dict[str, str | None]) -> None:
             os.environ[key] = value
 
 
-def make_engine(
-    model_path: str,
-    dtype: str = "auto",
-    seed: int = 0,
-    max_model_len: int | None = None,
-    kv_cache_gib: float | None = None,
-    *,
-    tokenizer: str | None = None,
-    tensor_parallel_size: int = 1,
-    gpu_memory_utilization: float = 0.9,
-    trust_remote_code: bool = False,
-    enable_prefix_caching: bool = True,
-    cpu_threads: int | None = None,
-    cpu_offset: int | None = None,
-    what: str = "vLLM",
-    **engine_kwargs,
-):
+def make_engine(model_path: str, *, what: str = "vLLM", trust_remote_code: bool = False, **settings):
     """A `vllm.LLM` for `model_path` (a local Hugging Face dir), with this machine's settings (module docstring).
 
-    dtype: auto (the checkpoint's) | float32 | bfloat16 | float16. seed: vLLM's engine seed (requests with their
-    own `SamplingParams.seed` do not depend on it). max_model_len: prompt + response tokens per sequence (default:
-    the model's). kv_cache_gib: KV-cache size in GiB (CPU: default 1 or `VLLM_CPU_KVCACHE_SPACE`; GPU: default from
-    `gpu_memory_utilization`). cpu_threads/cpu_offset: the cores to bind on a CPU (`cpu_binding`).
-    `engine_kwargs` go to `vllm.LLM` as they are and override the settings here.
+    `settings`: `engine_settings`' arguments but `cpu` (this machine's). dtype: auto (the checkpoint's) | float32 |
+    bfloat16 | float16. seed: vLLM's engine seed (requests with their own `SamplingParams.seed` do not depend on
+    it). max_model_len: prompt + response tokens per sequence (default: the model's). kv_cache_gib: KV-cache size in
+    GiB (CPU: default 1 or `VLLM_CPU_KVCACHE_SPACE`; GPU: default from `gpu_memory_utilization`).
+    cpu_threads/cpu_offset: the cores to bind on a CPU (`cpu_binding`). Other keywords go to `vllm.LLM` as they are
+    and override the settings here. `what` names the caller in errors.
 
     Refusals, each one line (`UserError`): vLLM missing or broken; a model vLLM cannot run here
     (`unsupported_reason`: architecture, CPU head size); the engine failing to start. Close with `close_engine(llm)`.
@@ -301,11 +286,7 @@ def make_engine(
     reason = unsupported_reason(model_path, cpu, trust_remote_code)
     if reason is not None:
         raise UserError(f"{what}: vLLM cannot run {model_path}: {reason}")
-    kwargs, env = engine_settings(model_path, dtype, seed, max_model_len, kv_cache_gib, tokenizer=tokenizer,
-                                  tensor_parallel_size=tensor_parallel_size,
-                                  gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
-                                  enable_prefix_caching=enable_prefix_caching, cpu=cpu, cpu_threads=cpu_threads,
-                                  cpu_offset=cpu_offset, **engine_kwargs)
+    kwargs, env = engine_settings(model_path, trust_remote_code=trust_remote_code, cpu=cpu, **settings)
     if cpu and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") not in (None, "0"):
         logger.warning("VLLM_ENABLE_V1_MULTIPROCESSING=%s overridden to 0: the CPU engine runs in this process",
                        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"])

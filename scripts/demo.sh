@@ -11,7 +11,8 @@
 #
 # Usage: bash scripts/demo.sh [OUT]            (make demo; OUT defaults to runs/demo)
 # Knobs (environment): POLICY RM_BACKBONE N_TRAIN K MAX_NEW_TOKENS TEMPERATURE N_HELDOUT K_HELDOUT DPO_ITERATIONS DPO_EPOCHS DPO_LR
-#   DPO_BETA RM_EPOCHS PPO_STEPS (0 skips PPO) PPO_ESTIMATOR PPO_LR PPO_KL_COEF PPO_VLLM GEN_SHARDS GEN_DTYPE SEED PYTHON.
+#   DPO_BETA RM_EPOCHS PPO_STEPS (0 skips PPO) PPO_ESTIMATOR PPO_LR PPO_KL_COEF PPO_VLLM GEN_BACKEND GEN_SHARDS GEN_DTYPE SEED
+#   PYTHON.
 # Two independent stages run side by side where the chain allows it (DPO and PPO; the aligned policies' samples),
 # each with one thread: on 2 cores that keeps both busy, and torch's two threads spin-wait for each other whenever
 # the cores are oversubscribed (measured here: 6x the CPU time for the same generation). The base policy's samples
@@ -58,6 +59,9 @@ PPO_KL_COEF=${PPO_KL_COEF:-0.05}
 # online-RL rollouts on a colocated vLLM engine (ppo_train.py --use_vllm) where vLLM runs this POLICY (auto), else
 # our own decoding loop; true/false force it. auto is resolved at the PPO stage (the policy is materialised by then).
 PPO_VLLM=${PPO_VLLM:-auto}
+# the generation stages' engine (generate.py --backend): auto = vLLM where it runs the model, else our decoding loop;
+# hf | vllm force one (GEN_BACKEND=hf PPO_VLLM=false is the demo without vLLM, for a timing against it)
+GEN_BACKEND=${GEN_BACKEND:-auto}
 HELDOUT_SEED=$((SEED + 1000))         # the same for every policy: paired samples (common random numbers)
 
 export TOKENIZERS_PARALLELISM=false
@@ -72,7 +76,7 @@ echo 1 > "$RLHFKIT_THREADS_FILE"
 CONFIG="POLICY=$POLICY RM_BACKBONE=$RM_BACKBONE N_TRAIN=$N_TRAIN K=$K MAX_NEW_TOKENS=$MAX_NEW_TOKENS \
 TEMPERATURE=$TEMPERATURE N_HELDOUT=$N_HELDOUT K_HELDOUT=$K_HELDOUT DPO_ITERATIONS=$DPO_ITERATIONS \
 DPO_EPOCHS=$DPO_EPOCHS DPO_LR=$DPO_LR DPO_BETA=$DPO_BETA RM_EPOCHS=$RM_EPOCHS PPO_STEPS=$PPO_STEPS SEED=$SEED \
-GEN_DTYPE=$GEN_DTYPE PPO_ESTIMATOR=$PPO_ESTIMATOR PPO_LR=$PPO_LR PPO_KL_COEF=$PPO_KL_COEF PPO_VLLM=$PPO_VLLM"
+GEN_DTYPE=$GEN_DTYPE PPO_ESTIMATOR=$PPO_ESTIMATOR PPO_LR=$PPO_LR PPO_KL_COEF=$PPO_KL_COEF PPO_VLLM=$PPO_VLLM GEN_BACKEND=$GEN_BACKEND"
 if [[ -f "$OUT/demo_config.txt" && "$(cat "$OUT/demo_config.txt")" != "$CONFIG" ]]; then
     echo "error: $OUT was made with other settings ($(cat "$OUT/demo_config.txt")); remove it or choose another OUT" >&2
     exit 2
@@ -194,10 +198,10 @@ EOF
 
 # ---- 1. samples of the base policy on train and held-out prompts (each split over the cores) ----
 stage_sharded gen_train $PYTHON generation/generate.py --model_name_or_path "$POLICY" \
-    --dataset_path "$TRAIN_PROMPTS" --max_prompts "$N_TRAIN" --num_samples "$K" --dtype "$GEN_DTYPE" \
+    --dataset_path "$TRAIN_PROMPTS" --max_prompts "$N_TRAIN" --num_samples "$K" --dtype "$GEN_DTYPE" --backend "$GEN_BACKEND" \
     --max_new_tokens "$MAX_NEW_TOKENS" --temperature "$TEMPERATURE" --seed "$SEED" --output_dir "$OUT/gen_train"
 stage_sharded gen_base $PYTHON generation/generate.py --model_name_or_path "$POLICY" \
-    --dataset_path "$HELDOUT_PROMPTS" --max_prompts "$N_HELDOUT" --num_samples "$K_HELDOUT" --dtype "$GEN_DTYPE" \
+    --dataset_path "$HELDOUT_PROMPTS" --max_prompts "$N_HELDOUT" --num_samples "$K_HELDOUT" --dtype "$GEN_DTYPE" --backend "$GEN_BACKEND" \
     --max_new_tokens "$MAX_NEW_TOKENS" --temperature "$TEMPERATURE" --seed "$HELDOUT_SEED" --output_dir "$OUT/gen_base"
 
 # ---- 2. the stand-in human rater: VADER labels → preference pairs ----
@@ -269,7 +273,7 @@ open(target, "w", encoding="utf-8").write("\n".join(lines) + "\n")
 EOF
         samples="$OUT/gen_it$it"
         stage "gen_it$it" $PYTHON generation/generate.py --model_name_or_path "$policy" \
-            --dataset_path "$OUT/prompts_it$it.jsonl" --num_samples "$K" --max_new_tokens "$MAX_NEW_TOKENS" --dtype "$GEN_DTYPE" \
+            --dataset_path "$OUT/prompts_it$it.jsonl" --num_samples "$K" --max_new_tokens "$MAX_NEW_TOKENS" --dtype "$GEN_DTYPE" --backend "$GEN_BACKEND" \
             --temperature "$TEMPERATURE" --seed "$((SEED + it))" --output_dir "$samples"
     fi
     stage "rm_pairs_it$it" $PYTHON annotate/get_rewards.py --dataset_path "$samples" \
@@ -286,7 +290,7 @@ wait_stages  # rm_eval, ppo
 
 # ---- 6. the aligned policies on the held-out prompts (same seed as the base: paired samples) ----
 stage_bg gen_dpo $PYTHON generation/generate.py --model_name_or_path "$DPO_POLICY" \
-    --dataset_path "$HELDOUT_PROMPTS" --max_prompts "$N_HELDOUT" --num_samples "$K_HELDOUT" --dtype "$GEN_DTYPE" \
+    --dataset_path "$HELDOUT_PROMPTS" --max_prompts "$N_HELDOUT" --num_samples "$K_HELDOUT" --dtype "$GEN_DTYPE" --backend "$GEN_BACKEND" \
     --max_new_tokens "$MAX_NEW_TOKENS" --temperature "$TEMPERATURE" --seed "$HELDOUT_SEED" --output_dir "$OUT/gen_dpo"
 generations=("base=$OUT/gen_base/generations.jsonl" "dpo=$OUT/gen_dpo/generations.jsonl")
 policies=("dpo=$DPO_POLICY")
@@ -294,7 +298,7 @@ stages=("rm=$OUT/rm")
 for (( it = 1; it <= DPO_ITERATIONS; it++ )); do stages+=("dpo_it$it=$OUT/dpo_it$it"); done
 if (( PPO_STEPS > 0 )); then
     stage_bg gen_ppo $PYTHON generation/generate.py --model_name_or_path "$OUT/ppo" \
-        --dataset_path "$HELDOUT_PROMPTS" --max_prompts "$N_HELDOUT" --num_samples "$K_HELDOUT" --dtype "$GEN_DTYPE" \
+        --dataset_path "$HELDOUT_PROMPTS" --max_prompts "$N_HELDOUT" --num_samples "$K_HELDOUT" --dtype "$GEN_DTYPE" --backend "$GEN_BACKEND" \
         --max_new_tokens "$MAX_NEW_TOKENS" --temperature "$TEMPERATURE" --seed "$HELDOUT_SEED" --output_dir "$OUT/gen_ppo"
     generations+=("ppo=$OUT/gen_ppo/generations.jsonl")
     policies+=("ppo=$OUT/ppo")

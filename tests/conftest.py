@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,69 @@ def _stage_runs_are_marked_slow(request, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(StageOutput, "finalize", guarded)
+
+
+def crash_ppo_update_on_call(monkeypatch, n: int):
+    """Make PPO's update raise KeyboardInterrupt("killed") on its n-th call, as a crash mid-run; returns the real
+    update (monkeypatch it back to resume)."""
+    from rlhfkit.rl import ppo
+
+    real, calls = ppo.ppo_update, []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_update", crashing)
+    return real
+
+# prompts in every layout generation reads (a string, a question, messages, instruction + input), for the generation
+# stage's tests (tests/test_generation.py, tests/test_vllm_generation.py)
+GENERATION_PROMPTS = [
+    {"prompt": "tell me a story about the sea"},
+    {"question": "why is the sky blue and the sun bright?"},
+    {"prompt": [{"role": "user", "content": "hi"}]},
+    {"instruction": "write a poem", "input": "about a cat and a dog"},
+    {"prompt": "list three colours"},
+]
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    """GENERATION_PROMPTS as a JSONL file."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in GENERATION_PROMPTS), encoding="utf-8")
+    return str(path)
+
+
+# Trainer flags for a stage run inside a test: no reporting, no checkpoints, CPU, seed 0, no progress bars
+QUIET_RUN = ["--report_to", "none", "--save_strategy", "no", "--use_cpu", "true", "--seed", "0", "--disable_tqdm", "true"]
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_dir(tmp_path_factory, tiny_llama_dir) -> Path:
+    """A reward model on tiny_llama_dir's weights: one-label sequence classifier with a random head (seed 0), and its
+    tokenizer (the benchmark stages' tests)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("rm") / "tiny-rm"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=1).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
+    return out
+
+
+def fake_score(text: str) -> float:
+    """The score a benchmark fixture's response announces at its end ("… [1.5]"); the empty response scores 0
+    (tests/test_rmbench.py, test_rmb.py, test_judgebench.py write responses so)."""
+    match = re.search(r"\[(-?[\d.]+)\]$", text)
+    return float(match.group(1)) if match else 0.0
+
+
+def scored(rows: list[dict]) -> list[dict]:
+    """Group-benchmark rows with `scores`, each completion's `fake_score`, as eval_benchmark attaches real ones."""
+    for row in rows:
+        row["scores"] = [fake_score(t) for t in row["completions"]]
+    return rows

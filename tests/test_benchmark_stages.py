@@ -12,21 +12,9 @@ import pytest
 
 from rlhfkit.errors import UserError
 from tests import test_judgebench, test_rmb, test_rmbench
-from tests.conftest import write_jsonl
+from tests.conftest import fake_score, write_jsonl
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_rm(tmp_path_factory, tiny_llama_dir):
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("rm") / "tiny-rm"
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=1).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
-    return out
 
 
 def run_eval(argv):
@@ -39,7 +27,7 @@ def run_eval(argv):
 
 def announced_scores(model, tokenizer, conversations, *args, **kwargs):
     """Stands in for the reward model: each response scores what its text announces ("… [1.5]")."""
-    return [test_rmbench.fake_score(conversation[-1]["content"]) for conversation in conversations]
+    return [fake_score(conversation[-1]["content"]) for conversation in conversations]
 
 
 def write_benchmarks(root):
@@ -73,9 +61,9 @@ def scores_lines(output_dir):
     return [json.loads(line) for line in (output_dir / "scores.jsonl").read_text().splitlines()]
 
 
-def test_each_benchmark_with_a_tiny_model_equals_the_official_computation(tmp_path, tiny_rm):
+def test_each_benchmark_with_a_tiny_model_equals_the_official_computation(tmp_path, tiny_rm_dir):
     root = write_benchmarks(tmp_path / "data")
-    common = ["--reward_model_path", str(tiny_rm), "--batch_size", "4"]
+    common = ["--reward_model_path", str(tiny_rm_dir), "--batch_size", "4"]
 
     out = tmp_path / "rm-bench"
     results = run_eval(common + ["--dataset_path", str(root / "RM-Bench/data/total_dataset.json"),
@@ -127,14 +115,14 @@ def _rmb_hand_sections(by_id: dict) -> dict:
     return {key: sum(values) / len(values) for key, values in sections.items()}
 
 
-def test_rule_scored_runs_give_the_worked_out_numbers(tmp_path, monkeypatch, tiny_rm):
+def test_rule_scored_runs_give_the_worked_out_numbers(tmp_path, monkeypatch, tiny_rm_dir):
     import numpy as np
 
     import rlhfkit.scoring
 
     monkeypatch.setattr(rlhfkit.scoring, "score_conversations", announced_scores)
     root = write_benchmarks(tmp_path / "data")
-    common = ["--reward_model_path", str(tiny_rm), "--calibration", "false", "--batch_invariance_rows", "0"]
+    common = ["--reward_model_path", str(tiny_rm_dir), "--calibration", "false", "--batch_invariance_rows", "0"]
     rmb = run_eval(common + ["--dataset_path", str(root / "RMB_dataset"), "--output_dir", str(tmp_path / "rmb")])
     assert rmb["rmb"]["score"] == pytest.approx(np.mean([2 / 4, 1 / 2, 1 / 3, 1.0]))  # tests/test_rmb.py
     judge = run_eval(common + ["--dataset_path", str(next((root / "JudgeBench/data").glob("*gpt-4o*"))),
@@ -147,10 +135,10 @@ def test_rule_scored_runs_give_the_worked_out_numbers(tmp_path, monkeypatch, tin
     assert rm_bench["rm-bench"]["missing_domains"] == ["math", "code", "safety"]
 
 
-def test_benchmark_all_gives_one_summary_table(tmp_path, tiny_rm):
+def test_benchmark_all_gives_one_summary_table(tmp_path, tiny_rm_dir):
     root = write_benchmarks(tmp_path / "data")
     out = tmp_path / "all"
-    results = run_eval(["--reward_model_path", str(tiny_rm), "--benchmark", "all", "--dataset_path", str(root),
+    results = run_eval(["--reward_model_path", str(tiny_rm_dir), "--benchmark", "all", "--dataset_path", str(root),
                         "--output_dir", str(out), "--batch_invariance_rows", "2"])
     names = [row["name"] for row in results["summary"]]
     assert names == ["v1", "v2", "rm-bench", "rmb", "judgebench-claude-3-5-sonnet-20240620",
@@ -166,7 +154,7 @@ def test_benchmark_all_gives_one_summary_table(tmp_path, tiny_rm):
         assert title in table
     assert "skipped" in table and json.loads((out / "metrics.json").read_text())["rmb"] == results["summary"][3]["score"]
     # the same model on one benchmark alone gives the same number
-    alone = run_eval(["--reward_model_path", str(tiny_rm), "--dataset_path", str(root / "RMB_dataset"),
+    alone = run_eval(["--reward_model_path", str(tiny_rm_dir), "--dataset_path", str(root / "RMB_dataset"),
                       "--output_dir", str(tmp_path / "alone"), "--batch_invariance_rows", "0", "--calibration", "false"])
     assert alone["rmb"]["score"] == pytest.approx(results["results"]["rmb"]["rmb"]["score"])
 
@@ -187,10 +175,10 @@ def test_dpo_implicit_reward_on_the_group_benchmarks(tmp_path, tiny_llama_dir):
     assert free["diagnostics"]["batch_invariance"]["max_abs_diff"] < 1e-4
 
 
-def test_bad_rows_stop_with_one_line(tmp_path, tiny_rm):
+def test_bad_rows_stop_with_one_line(tmp_path, tiny_rm_dir):
     rows = test_judgebench.records()
     rows[3]["label"] = "tie"
     path = write_jsonl(tmp_path / "dataset=judgebench,response_model=x.jsonl", rows)
     with pytest.raises(UserError, match=r"row 4: field 'label': must be 'A>B' or 'B>A'"):
-        run_eval(["--reward_model_path", str(tiny_rm), "--benchmark", "judgebench", "--dataset_path", str(path),
+        run_eval(["--reward_model_path", str(tiny_rm_dir), "--benchmark", "judgebench", "--dataset_path", str(path),
                   "--output_dir", str(tmp_path / "out")])

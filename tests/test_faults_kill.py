@@ -119,6 +119,10 @@ def _data(tmp: Path, stage: str) -> Path:
     pairs = sentiment_pairs(48, seed=1)
     if stage == "sft_train":
         return write_jsonl(tmp / "sft.jsonl", [{"messages": row["prompt"] + row["chosen"]} for row in pairs])
+    if stage == "prm_train":  # TRL's stepwise rows: the chosen response's words as steps, every other one wrong
+        return write_jsonl(tmp / "steps.jsonl", [
+            {"prompt": row["prompt"][0]["content"], "completions": row["chosen"][0]["content"].split()[:4],
+             "labels": [i % 2 == 0 for i in range(len(row["chosen"][0]["content"].split()[:4]))]} for row in pairs])
     return write_jsonl(tmp / "pairs.jsonl", pairs)
 
 
@@ -237,8 +241,10 @@ def run_forked(stage: str, argv: list[str], setup, stderr_file: Path) -> int:
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
 
 
-@pytest.mark.parametrize("stage", ["rm_train", "sft_train", "dpo_train"])
+@pytest.mark.parametrize("stage", ["rm_train", "sft_train", "dpo_train", "pm_train", "prm_train"])
 def test_sigterm_checkpoints_at_the_step_and_resumes_exactly(tmp_path, capsys, reference, stage):
+    """Every Trainer stage: SIGTERM at step 5 saves checkpoint-5 and exits 75; a resume with another learning rate
+    is refused in one line (it would be another run); the same command resumes to the uninterrupted run's weights."""
     from rlhfkit.faults import EXIT_PREEMPTED
 
     data, digest = reference(stage)
@@ -257,6 +263,9 @@ def test_sigterm_checkpoints_at_the_step_and_resumes_exactly(tmp_path, capsys, r
     checkpoint = Path(f"{out}.partial") / "checkpoints" / "checkpoint-5"
     assert (checkpoint / "trainer_state.json").is_file() and not out.exists()
     assert not (Path(f"{out}.partial") / "LOCK").exists()  # a preempted run ends cleanly: no stale lock
+    code, err = run_in_process(stage, [*argv, "--resume_from_checkpoint", "true", "--learning_rate", "2e-3"], capsys)
+    assert code == 2 and "this run is not the one that wrote" in err and "learning_rate 0.001 → 0.002" in err, err[-2000:]
+    assert "Traceback" not in err and (checkpoint / "trainer_state.json").is_file()
     code, err = run_in_process(stage, [*argv, "--resume_from_checkpoint", "true"], capsys)
     assert code == 0, err[-3000:]
     assert weights_digest(out) == digest

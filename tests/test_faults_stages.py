@@ -23,11 +23,8 @@ pytestmark = pytest.mark.slow
 def _stage(name: str):
     import importlib
 
-    from rlhfkit.args import ModelArguments
-
     module = importlib.import_module(name)
-    config = {"rm_train": "RMArguments", "sft_train": "SFTArguments", "dpo_train": "DPOArguments"}[name]
-    return module.main, (module.ScriptArguments, ModelArguments, getattr(module, config))
+    return module.main, module.ARGUMENTS
 
 
 def point_loggers_at_stderr() -> None:

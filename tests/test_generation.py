@@ -11,21 +11,9 @@ import pytest
 from generation import generate, merge_data, shards
 from rlhfkit.errors import UserError
 from rlhfkit.sampling import derive_seed
+from tests.conftest import GENERATION_PROMPTS
 
-PROMPTS = [
-    {"prompt": "tell me a story about the sea"},
-    {"question": "why is the sky blue and the sun bright?"},
-    {"prompt": [{"role": "user", "content": "hi"}]},
-    {"instruction": "write a poem", "input": "about a cat and a dog"},
-    {"prompt": "list three colours"},
-]
-
-
-@pytest.fixture
-def prompt_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in PROMPTS), encoding="utf-8")
-    return str(path)
+PROMPTS = GENERATION_PROMPTS  # tests/conftest.py, with the prompt_file fixture
 
 
 def args_for(prompt_file, output_dir, **overrides):

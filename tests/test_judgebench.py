@@ -7,7 +7,6 @@ import ast
 import asyncio
 import importlib.util
 import json
-import re
 from abc import ABC, abstractmethod
 
 import pytest
@@ -15,12 +14,7 @@ import pytest
 from rlhfkit.errors import UserError
 from rlhfkit.eval import judgebench
 from tests.official_sources import load_definitions, official_file, statements
-
-
-def fake_score(text: str) -> float:
-    """The score a response announces ("… [1.5]"); the empty response scores 0."""
-    match = re.search(r"\[(-?[\d.]+)\]$", text)
-    return float(match.group(1)) if match else 0.0
+from tests.conftest import fake_score, scored
 
 
 # (source, score A, score B, label): every category, an uncategorised source, ties either way, an empty response
@@ -54,12 +48,6 @@ def judgebench_file(tmp_path):
     path = tmp_path / "dataset=judgebench,response_model=fixture-model.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in records()), encoding="utf-8")
     return path
-
-
-def scored(rows):
-    for row in rows:
-        row["scores"] = [fake_score(t) for t in row["completions"]]
-    return rows
 
 
 def test_loader_reads_the_published_layout(judgebench_file):

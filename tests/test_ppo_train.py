@@ -16,6 +16,7 @@ from rlhfkit.checkpoints import StageOutput
 from rlhfkit.cli import parse_args, run_stage
 from rlhfkit.errors import UserError
 from rlhfkit.tokenization import DEFAULT_CHAT_TEMPLATE
+from tests.conftest import crash_ppo_update_on_call
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPES = ppo_train.ARGUMENTS
@@ -326,15 +327,7 @@ def test_resume_after_a_crash_continues_from_the_saved_step(workdir, prompts_fil
     flags = dict(max_steps=4, save_steps=2, save_strategy="steps", kl_target=1.0, kl_horizon=50)
     reference = run(workdir / "uninterrupted", "--dataset_path", prompts_file, reward_fn=REWARD_FN, **flags)
 
-    real_update, calls = ppo.ppo_update, []
-
-    def crash_on_third_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("killed")
-        return real_update(*args, **kwargs)
-
-    monkeypatch.setattr(ppo, "ppo_update", crash_on_third_step)
+    real_update = crash_ppo_update_on_call(monkeypatch, 3)
     out = workdir / "resumed"
     with pytest.raises(KeyboardInterrupt):
         run(out, "--dataset_path", prompts_file, reward_fn=REWARD_FN, **flags)

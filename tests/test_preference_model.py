@@ -13,7 +13,7 @@ from rlhfkit.cli import parse_args
 from rlhfkit.errors import UserError
 from rlhfkit.preference_model import (PairTemplate, both_orders, label_token_ids, log_odds, outcome, render_context,
                                       tournament_scores, training_examples, win_probabilities)
-from tests.conftest import TOPICS, sentiment_pairs, write_jsonl
+from tests.conftest import QUIET_RUN, TOPICS, sentiment_pairs, write_jsonl
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,8 +182,7 @@ def test_pm_chain_train_eval_annotate_ppo(tmp_path):
     metrics = pm_train.main(*parse_args(pm_train.ARGUMENTS, [
         "--model_name_or_path", "tiny-random-llama", "--dataset_path", str(train), "--eval_dataset_path", str(heldout),
         "--output_dir", str(out), "--num_train_epochs", "6", "--learning_rate", "1e-2",
-        "--per_device_train_batch_size", "8", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true",
-        "--seed", "0", "--disable_tqdm", "true"]))
+        "--per_device_train_batch_size", "8", *QUIET_RUN]))
     # both orders of every held-out pair (topics never seen in training) pick the chosen response
     assert metrics["eval_accuracy_before"] < 1.0
     assert metrics["eval_accuracy"] == 1.0 and metrics["eval_order_agreement"] == 1.0

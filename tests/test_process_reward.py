@@ -14,7 +14,7 @@ from rlhfkit.cli import parse_args
 from rlhfkit.errors import UserError
 from rlhfkit.process_reward import (StepFormat, aggregate, convert_record, from_math_shepherd, from_prm800k,
                                     load_step_rows, split_steps, step_sequence)
-from tests.conftest import write_jsonl
+from tests.conftest import QUIET_RUN, write_jsonl
 
 # the published layouts, one row each (written here in their shape; the values are ours)
 MATH_SHEPHERD = {
@@ -160,8 +160,7 @@ def test_prm_chain_learns_a_step_rule_evaluates_and_rewards_steps_in_ppo(tmp_pat
     metrics = prm_train.main(*parse_args(prm_train.ARGUMENTS, [
         "--model_name_or_path", "tiny-random-llama", "--dataset_path", str(train), "--eval_dataset_path", str(heldout),
         "--output_dir", str(out), "--num_train_epochs", "6", "--learning_rate", "5e-3",
-        "--per_device_train_batch_size", "8", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true",
-        "--seed", "0", "--disable_tqdm", "true"]))
+        "--per_device_train_batch_size", "8", *QUIET_RUN]))
     assert metrics["eval_step_accuracy_before"] < 0.7 and metrics["eval_step_accuracy"] == 1.0
     assert metrics["eval_negative_f1"] == 1.0
 

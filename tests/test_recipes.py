@@ -17,21 +17,9 @@ from rlhfkit.mixtures.decontamination import Decontaminator
 from rlhfkit.errors import UserError
 from rlhfkit.mixtures.catalog import resolve_options
 from rlhfkit.mixtures.selection import cap_per_prompt, drop_empty, drop_identical, drop_ties, filter_score_ratio, subsample
-from rlhfkit.mixtures.sources import (
-    Dropped,
-    Pair,
-    RankedPrompt,
-    ScoredResponse,
-    convert_capybara,
-    convert_helpsteer,
-    convert_hh_rlhf,
-    convert_orca,
-    convert_pku,
-    convert_shp,
-    convert_ultrafeedback,
-    pairs_all,
-    pairs_best_vs_random,
-)
+from rlhfkit.mixtures.sources import (Dropped, Pair, RankedPrompt, ScoredResponse, convert_capybara, convert_helpsteer,
+                                      convert_hh_rlhf, convert_orca, convert_pku, convert_shp, convert_ultrafeedback,
+                                      pairs_all, pairs_best_vs_random)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "recipes"

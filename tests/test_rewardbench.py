@@ -148,17 +148,6 @@ def test_dpo_reductions_by_hand():
     assert dpo_reduce(per_token, mask, "norm").tolist() == pytest.approx([-(5 ** 0.5), -5.0])
 
 
-@pytest.fixture(scope="module")
-def tiny_rm_dir(tmp_path_factory, tiny_llama_dir):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("rm") / "tiny-rm"
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=1).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
-    return out
-
-
 def _rule_scores(model, tokenizer, conversations, *args, **kwargs):
     return [float(conv[-1]["content"].count("good")) for conv in conversations]
 

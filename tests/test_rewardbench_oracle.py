@@ -26,7 +26,6 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 
 from rlhfkit.eval.rewardbench import EXAMPLE_COUNTS, PRIOR_SETS, SECTIONS, WEIGHTS_SOURCE
 from tests.conftest import write_jsonl
@@ -150,17 +149,6 @@ def _rule_scores(model, tokenizer, conversations, *args, **kwargs):
     return [float(conversation[-1]["content"].count("good")) for conversation in conversations]
 
 
-@pytest.fixture(scope="module")
-def tiny_rm(tmp_path_factory, tiny_llama_dir):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("oracle") / "tiny-rm"
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=1).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
-    return out
-
-
 def _run(tmp_path, model_dir, name):
     import eval_benchmark
     from rlhfkit.cli import parse_args
@@ -184,12 +172,12 @@ def test_weights_and_sections_are_rewardbench_0_1_4s(official):
 
 @pytest.mark.slow  # an eval_benchmark.py run on a tiny model (seconds)
 @pytest.mark.parametrize("scorer", ["tiny_rm", "rule_with_ties"])
-def test_eval_benchmark_numbers_equal_rewardbench_code(official, tmp_path, monkeypatch, tiny_rm, scorer):
+def test_eval_benchmark_numbers_equal_rewardbench_code(official, tmp_path, monkeypatch, tiny_rm_dir, scorer):
     if scorer == "rule_with_ties":  # scores = number of "good": many ties between different responses
         import rlhfkit.scoring
 
         monkeypatch.setattr(rlhfkit.scoring, "score_conversations", _rule_scores)
-    results, lines = _run(tmp_path, tiny_rm, scorer)
+    results, lines = _run(tmp_path, tiny_rm_dir, scorer)
     ours = results["rewardbench"]
     expected = official_numbers(official, lines)
 

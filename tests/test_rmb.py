@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import json
-import re
 from collections import defaultdict
 
 import numpy as np
@@ -14,16 +13,12 @@ import pytest
 from rlhfkit.errors import UserError
 from rlhfkit.eval import rmb
 from tests.official_sources import assigns_to, official_file, run_statements, statements
+from tests.conftest import scored
 
 
 def answer(score: float | None, name: str) -> dict:
     """An answer whose text announces its score ("… [1.5]"); None gives the empty answer (scored 0)."""
     return {"llm_name": "fixture-model", "answer": "" if score is None else f"{name} [{score}]"}
-
-
-def fake_score(text: str) -> float:
-    match = re.search(r"\[(-?[\d.]+)\]$", text)
-    return float(match.group(1)) if match else 0.0
 
 
 def user(text: str) -> list[dict]:
@@ -81,12 +76,6 @@ def rmb_dir(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
     return root
-
-
-def scored(rows):
-    for row in rows:
-        row["scores"] = [fake_score(t) for t in row["completions"]]
-    return rows
 
 
 def test_loader_reads_the_published_layout(rmb_dir):
@@ -229,41 +218,33 @@ def test_missing_sections_count_as_zero(rmb_dir):
     assert result["score_present_sections"] == pytest.approx((2 / 4 + 1 / 2) / 2)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda r: r.pop("reject"), "field 'reject' is missing"),
-    (lambda r: r.update(chosen={"llm_name": "x"}), "field 'chosen': must be an object with a string 'answer'"),
-    (lambda r: r.update(conversation_input=[]), "field 'conversation_input': must be a non-empty list"),
-    (lambda r: r.update(conversation_input=[{"role": "assistant", "content": "x"}]),
+PAIRWISE_ROW = ("Pairwise_set/Harmlessness/S1.json", 1)  # (file under the RMB dir, row index)
+BON_ROW = ("BoN_set/Helpfulness/Code/Documentation.json", 2)
+
+
+@pytest.mark.parametrize("where, change, message", [
+    (PAIRWISE_ROW, lambda r: r.pop("reject"), "field 'reject' is missing"),
+    (PAIRWISE_ROW, lambda r: r.update(chosen={"llm_name": "x"}), "field 'chosen': must be an object with a string 'answer'"),
+    (PAIRWISE_ROW, lambda r: r.update(conversation_input=[]), "field 'conversation_input': must be a non-empty list"),
+    (PAIRWISE_ROW, lambda r: r.update(conversation_input=[{"role": "assistant", "content": "x"}]),
      "field 'conversation_input': the last message must be the user's"),
-    (lambda r: r.update(conversation_input=[{"role": "robot", "content": "x"}]),
+    (PAIRWISE_ROW, lambda r: r.update(conversation_input=[{"role": "robot", "content": "x"}]),
      "field 'conversation_input': message 0 has role 'robot'"),
-    (lambda r: r.update(category_path="BoN_set/Helpfulness/Chat/Discussion"), "field 'category_path': "),
-    (lambda r: r.update(category_path="Pairwise_set/Usefulness/Chat"), "field 'category_path': "),
+    (PAIRWISE_ROW, lambda r: r.update(category_path="BoN_set/Helpfulness/Chat/Discussion"), "field 'category_path': "),
+    (PAIRWISE_ROW, lambda r: r.update(category_path="Pairwise_set/Usefulness/Chat"), "field 'category_path': "),
+    (BON_ROW, lambda r: r.update(loser_list=[]), "field 'loser_list': must be a non-empty list"),
+    (BON_ROW, lambda r: r["loser_list"].append({"answer": 3}), "field 'loser_list[3]': must be an object"),
+    (BON_ROW, lambda r: r.pop("bon_best"), "field 'bon_best' is missing"),
 ])
-def test_bad_pairwise_rows_are_one_line_errors(rmb_dir, change, message):
-    path = rmb_dir / "Pairwise_set/Harmlessness/S1.json"
+def test_bad_rows_are_one_line_errors_or_counted_skips(rmb_dir, where, change, message):
+    path, index = rmb_dir / where[0], where[1]
     rows = json.loads(path.read_text())
-    change(rows[1])
+    change(rows[index])
     path.write_text(json.dumps(rows))
     with pytest.raises(UserError) as info:
         rmb.load([str(rmb_dir)])
-    assert str(info.value).startswith(f"{path}: row 2: {message}")
-
-
-@pytest.mark.parametrize("change, message", [
-    (lambda r: r.update(loser_list=[]), "field 'loser_list': must be a non-empty list"),
-    (lambda r: r["loser_list"].append({"answer": 3}), "field 'loser_list[3]': must be an object"),
-    (lambda r: r.pop("bon_best"), "field 'bon_best' is missing"),
-])
-def test_bad_bon_rows_are_one_line_errors(rmb_dir, change, message):
-    path = rmb_dir / "BoN_set/Helpfulness/Code/Documentation.json"
-    rows = json.loads(path.read_text())
-    change(rows[2])
-    path.write_text(json.dumps(rows))
-    with pytest.raises(UserError) as info:
-        rmb.load([str(path)])
-    assert str(info.value).startswith(f"{path}: row 3: {message}")
-    assert rmb.load([str(path)], skip_invalid=True).totals()["skipped_invalid"] == 1
+    assert str(info.value).startswith(f"{path}: row {index + 1}: {message}")
+    assert rmb.load([str(rmb_dir)], skip_invalid=True).totals()["skipped_invalid"] == 1
 
 
 def test_detection():

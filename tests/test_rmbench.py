@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from rlhfkit.errors import UserError
 from rlhfkit.eval import rmbench
 from tests.official_sources import load_definitions, official_file
+from tests.conftest import scored
 
 # (domain, chosen scores [concise, detailed, markdown], rejected scores): every domain, a tie, an empty response
 SPEC = [
@@ -31,12 +31,6 @@ def text(kind: str, row: int, style: int, score: float) -> str:
     return f"{kind} answer {row}.{style} [{score}]"
 
 
-def fake_score(response: str) -> float:
-    """The score a response's text announces ("… [1.5]"); the empty response scores 0."""
-    match = re.search(r"\[(-?[\d.]+)\]$", response)
-    return float(match.group(1)) if match else 0.0
-
-
 def records() -> list[dict]:
     rows = []
     for n, (domain, chosen, rejected) in enumerate(SPEC):
@@ -52,12 +46,6 @@ def records() -> list[dict]:
 def write_json(path, rows):
     path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
     return path
-
-
-def scored(rows: list[dict]) -> list[dict]:
-    for row in rows:
-        row["scores"] = [fake_score(t) for t in row["completions"]]
-    return rows
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 
 import pytest
@@ -32,6 +34,23 @@ def policy(tiny_llama_dir):
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+
+@contextlib.contextmanager
+def eos_favoured(model, eos: int, bias: float):
+    """EOS made likelier, not certain (its logit raised by `bias`), so sample lengths vary."""
+
+    def favour_eos(module, inputs, output):
+        output = output.clone()
+        output[..., eos] += bias
+        return output
+
+    handle = model.lm_head.register_forward_hook(favour_eos)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def test_stop_tokens_of_chatml_are_eos_only(policy):
@@ -186,13 +205,7 @@ def test_sampled_logprobs_equal_a_full_forward(policy):
     model, tokenizer = policy
     eos = tokenizer.eos_token_id
 
-    def favour_eos(module, inputs, output):
-        output = output.clone()
-        output[..., eos] += 3.0
-        return output
-
-    handle = model.lm_head.register_forward_hook(favour_eos)
-    try:
+    with eos_favoured(model, eos, 3.0):
         result = generate_batch(model, tokenizer, PROMPTS, n=3, max_new_tokens=10, temperature=1.0, top_p=1.0, seed=4)
         lengths = {len(s["token_ids"]) for group in result for s in group}
         assert len(lengths) > 1  # some rows left the batch early
@@ -203,24 +216,14 @@ def test_sampled_logprobs_equal_a_full_forward(policy):
                 logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt_ids) - 1 : -1].float()
                 full = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(sample["token_ids"])[:, None])[:, 0]
                 assert torch.allclose(torch.tensor(sample["logprobs"]), full, atol=1e-4)
-    finally:
-        handle.remove()
 
 
 def test_generation_stops_at_eos_and_truncates(policy):
     model, tokenizer = policy
     eos = tokenizer.eos_token_id
 
-    def favour_eos(module, inputs, output):  # make EOS likely but not certain, so lengths vary
-        output = output.clone()
-        output[..., eos] += 4.0
-        return output
-
-    handle = model.lm_head.register_forward_hook(favour_eos)
-    try:
+    with eos_favoured(model, eos, 4.0):
         result = generate_batch(model, tokenizer, PROMPTS, n=4, max_new_tokens=10, temperature=1.0, top_p=1.0, seed=3)
-    finally:
-        handle.remove()
     samples = [s for group in result for s in group]
     assert any(s["finished"] for s in samples) and any(len(s["token_ids"]) > 1 for s in samples)
     for sample in samples:

@@ -64,13 +64,6 @@ def shared_engine(engine, h32_dir, monkeypatch):
     return calls
 
 
-@pytest.fixture
-def prompt_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in PROMPTS), encoding="utf-8")
-    return str(path)
-
-
 def args_for(prompt_file, output_dir, **overrides):
     values = dict(model_name_or_path=MODEL, dataset_path=[prompt_file], output_dir=str(output_dir), num_samples=3,
                   max_new_tokens=8, temperature=1.0, top_p=0.95, seed=11, backend="vllm", batch_size=2,

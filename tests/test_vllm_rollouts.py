@@ -21,6 +21,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.rl import ppo
 from rlhfkit.rl import vllm_rollout
 from rlhfkit.rl.vllm_rollout import SYNC_TOLERANCE, VLLMRollout, truncated_importance_weights
+from tests.conftest import crash_ppo_update_on_call
 
 ROOT = Path(__file__).resolve().parents[1]
 REWARD_FN = f"{ROOT / 'tests' / 'test_ppo_train.py'}:positive_words_reward"
@@ -195,15 +196,7 @@ def test_resume_gives_the_engine_the_resumed_weights(workdir, tiny_policy, promp
 
     flags = dict(advantage_estimator="rloo", num_samples_per_prompt=2, save_steps=1, save_strategy="steps")
     reference = run(workdir / "whole", tiny_policy, prompts_file, **flags)
-    real_update, calls = ppo.ppo_update, []
-
-    def crash_on_second_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return real_update(*args, **kwargs)
-
-    monkeypatch.setattr(ppo, "ppo_update", crash_on_second_step)
+    real_update = crash_ppo_update_on_call(monkeypatch, 2)
     out = workdir / "resumed"
     with pytest.raises(KeyboardInterrupt):
         run(out, tiny_policy, prompts_file, **flags)

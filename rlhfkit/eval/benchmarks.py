@@ -21,6 +21,14 @@ A benchmark module holds what is true of that benchmark and nothing about the mo
     dpo_groups(row) -> [[completion indices]]     completions whose DPO truncation is decided together
     split_runs(files) -> (runs, skipped)          `--benchmark all`: how its files become runs
 
+A group benchmark scored row by row (RM-Bench, RMB, JudgeBench) may leave out detect, summarize and headline_of and
+give their parts instead (`rlhfkit/eval/loading.summarize_rows` puts them together):
+    is_record(record) -> bool                     one raw record is this layout (detect: all of the first 100)
+    score_rows(rows) -> (result, per-row outcomes); format_table(result) -> str; metrics(result) -> dict
+    headline(result) -> float                     the one number of its result (percent)
+    diagnostic_pairs(row) -> [(better, worse)]    completion indices the diagnostics compare
+    diagnostic_source(row) -> str                 optional: the calibration group (default `default_source`)
+
 Adding a benchmark: write rlhfkit/eval/<name>.py with the attributes above and add it to `BENCHMARKS`.
 """
 
@@ -44,11 +52,33 @@ def get(name: str):
     return BY_NAME[name]
 
 
+def detects(module, records: list) -> bool:
+    """Are these (the first) raw records `module`'s layout? Its `detect`, else all of the first 100 are `is_record`."""
+    from rlhfkit.eval.loading import looks_like
+
+    return module.detect(records) if hasattr(module, "detect") else looks_like(records, module.is_record)
+
+
+def summarize(module, rows: list[dict], scores, truncated, totals: dict) -> dict:
+    """`module`'s `summarize` (see the module docstring), else the row-by-row group summary from its parts."""
+    from rlhfkit.eval.loading import default_source, summarize_rows
+
+    if hasattr(module, "summarize"):
+        return module.summarize(rows, scores, truncated, totals)
+    return summarize_rows(rows, scores, truncated, totals, module.NAME, module.score_rows, module.format_table,
+                          module.metrics, module.diagnostic_pairs, getattr(module, "diagnostic_source", default_source))
+
+
+def headline_of(module, results: dict) -> float:
+    """The one number (percent) of `module`'s results.json: its `headline_of`, else `headline` of its result."""
+    return module.headline_of(results) if hasattr(module, "headline_of") else module.headline(results[module.NAME])
+
+
 def detect(records: list) -> str:
     """The benchmark a file's rows belong to: the group layouts first (they are the more specific), then v1, then
     plain preference pairs (which accepts anything rlhfkit.data reads)."""
     ordered = [m for m in BENCHMARKS if m.GROUP] + [m for m in BENCHMARKS if not m.GROUP]
-    return next(module.NAME for module in ordered if module.detect(records))
+    return next(module.NAME for module in ordered if detects(module, records))
 
 
 def _one_run_per_benchmark(module, files: list[tuple[str, list]]) -> tuple[list[dict], list[dict]]:
@@ -113,7 +143,7 @@ def headline_rows(results: dict) -> int:
 
 def summary_rows(runs: list[dict], results: dict, output_dir: Path) -> list[dict]:
     return [{"name": run["name"], "benchmark": run["benchmark"], "files": len(run["paths"]),
-             "rows": headline_rows(results[run["name"]]), "score": get(run["benchmark"]).headline_of(results[run["name"]]),
+             "rows": headline_rows(results[run["name"]]), "score": headline_of(get(run["benchmark"]), results[run["name"]]),
              "what": get(run["benchmark"]).HEADLINE, "output_dir": str(output_dir / run["name"])} for run in runs]
 
 

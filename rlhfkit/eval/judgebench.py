@@ -30,7 +30,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 from rlhfkit.errors import UserError
-from rlhfkit.eval.loading import completion_flags, load_rows, looks_like, string_field, summarize_rows
+from rlhfkit.eval.loading import completion_flags, load_rows, string_field
 
 NAME = "judgebench"
 CATEGORIES = (("Knowledge", "mmlu-pro"), ("Reasoning", "livebench-reasoning"), ("Math", "livebench-math"),
@@ -168,19 +168,6 @@ MAX_LENGTH = None  # its reward-model judges pass the whole conversation
 TRUNCATION_SIDE = "left"
 TRUNCATION_RULE = "JudgeBench's reward-model judges do not truncate; only the model's limit or --max_length, side 'left'"
 DPO_MODE = True
-
-
-def detect(records: list) -> bool:
-    return looks_like(records, is_record)
-
-
-def summarize(rows: list[dict], scores: Sequence[float], truncated: Sequence[bool], totals: dict) -> dict:
-    return summarize_rows(rows, scores, truncated, totals, NAME, score_rows, format_table, metrics, diagnostic_pairs,
-                          diagnostic_source)
-
-
-def headline_of(results: dict) -> float:
-    return headline(results[NAME])
 
 
 def diagnostic_source(row: dict) -> str:

@@ -18,7 +18,6 @@ Everything else the RM path reports (length diagnostics, ECE) needs per-response
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -57,7 +56,7 @@ def credit_accuracies(subsets: list[str | None], credits: list[float]) -> dict[s
 def evaluate(script_args, benchmark: str, rows: list[dict], data_report: dict, model_path: str, model_record: dict,
              accelerator, dtype, directory: Path) -> dict:
     """Score `rows` (as eval_benchmark.py loaded them) with the PM at `model_path`; write the record dir."""
-    from rlhfkit.files import write_text_atomic
+    from rlhfkit.eval.reward_scoring import write_run
     from rlhfkit.eval import rewardbench2 as rb2
     from rlhfkit.eval.rewardbench import format_table, is_rewardbench, rewardbench_summary
     from rlhfkit.preference_model import PreferenceModelScorer, response_text
@@ -98,7 +97,7 @@ def evaluate(script_args, benchmark: str, rows: list[dict], data_report: dict, m
         table = rb2.format_table(per_subset, summary)
         table += (f"\n\n{'Rows scored':<28}{len(scored):>16}   ({len(comparisons)} comparisons, both orders each; "
                   f"{skipped} Ties rows not scored: a preference model gives no per-completion score)")
-        scores_lines = [json.dumps({"id": row["id"], "subset": row["subset"], "p_first_beats": ps, "result": c})
+        scores_lines = [{"id": row["id"], "subset": row["subset"], "p_first_beats": ps, "result": c}
                         for row, ps, c in zip(scored, per_row_p, credits)]
         metrics = {"score": summary["score"], "score_present_subsets": summary["score_present_subsets"],
                    "rows": len(scored), **summary["subsets"]}
@@ -120,8 +119,8 @@ def evaluate(script_args, benchmark: str, rows: list[dict], data_report: dict, m
         table = format_table(per_subset, summary)
         table += (f"\n\n{'Accuracy (all pairs)':<28}{100 * results['accuracy']:>16.2f}   ({n} pairs, "
                   f"{results['ties']} ties at P = 0.5, half credit)")
-        scores_lines = [json.dumps({"id": row.get("id", str(i)), "subset": row.get("subset"),
-                                    "source": row.get("source"), "p_chosen_beats_rejected": p, "correct": c})
+        scores_lines = [{"id": row.get("id", str(i)), "subset": row.get("subset"),
+                         "source": row.get("source"), "p_chosen_beats_rejected": p, "correct": c}
                         for i, (row, p, c) in enumerate(zip(rows, probabilities, credits))]
         metrics = {"accuracy": results["accuracy"], "pairs": n}
         if summary:
@@ -131,14 +130,7 @@ def evaluate(script_args, benchmark: str, rows: list[dict], data_report: dict, m
     table += (f"\n{'Truncated':<28}{scorer.counts['truncated_sequences']:>16}   comparison sequences longer than "
               f"{scorer.max_length} tokens (last tokens kept: the answer is read at the end)")
     if accelerator.is_main_process:
-        output_dir = Path(directory)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in (("scores.jsonl", "\n".join(scores_lines) + "\n"),
-                           ("results.json", json.dumps(results, indent=2, default=str) + "\n"),
-                           ("metrics.json", json.dumps(metrics, indent=2) + "\n"),
-                           ("table.txt", table + "\n")):
-            write_text_atomic(output_dir / name, text)
-        print(table)
+        write_run(Path(directory), results, scores_lines, metrics, table)
     accelerator.wait_for_everyone()
     results["metrics"] = metrics
     return results

@@ -92,7 +92,7 @@ def best_of_n_report(step_scores: list[list[list[float]]], correct: list[list[bo
 
 def evaluate(script_args, model_path: str, model_record: dict, accelerator, dtype, directory: Path) -> dict:
     """Score the PRM at `model_path` on every --dataset_path file; write the record dir."""
-    from rlhfkit.files import write_text_atomic
+    from rlhfkit.eval.reward_scoring import write_run
     from rlhfkit.errors import UserError
     from rlhfkit.files import read_records
     from rlhfkit.process_reward import ProcessRewardScorer, load_step_rows, split_steps
@@ -122,8 +122,8 @@ def evaluate(script_args, model_path: str, model_record: dict, accelerator, dtyp
             unscored += len(row["steps"]) - len(values)
             predicted += [v > 0.5 for v in values]
             actual += row["labels"][: len(values)]
-            scores_lines.append(json.dumps({"prompt": row["prompt"][-1]["content"][:80], "step_scores": values,
-                                            "labels": row["labels"]}))
+            scores_lines.append({"prompt": row["prompt"][-1]["content"][:80], "step_scores": values,
+                                 "labels": row["labels"]})
         if not actual:
             raise UserError(f"{step_files[0]}: no step could be scored within --max_length")
         steps = class_report(predicted, actual)
@@ -160,8 +160,8 @@ def evaluate(script_args, model_path: str, model_record: dict, accelerator, dtyp
         lines += [f"{'  first answer (N = 1)':<32}{100 * bon['first_answer']:>10.2f}",
                   f"{'  any answer correct':<32}{100 * bon['any_correct']:>10.2f}"]
         for problem, answer_scores in zip(problems, grouped):
-            scores_lines.append(json.dumps({"prompt": problem["prompt"][-1]["content"][:80],
-                                            "step_scores": answer_scores, "label": problem["correct"]}))
+            scores_lines.append({"prompt": problem["prompt"][-1]["content"][:80],
+                                 "step_scores": answer_scores, "label": problem["correct"]})
     metrics = {}
     if "steps" in results:
         metrics.update({"step_accuracy": results["steps"]["step_accuracy"],
@@ -170,14 +170,7 @@ def evaluate(script_args, model_path: str, model_record: dict, accelerator, dtyp
         metrics.update({k: v for k, v in results["best_of_n"].items() if k.startswith("best_of_n")})
     table = "\n".join(lines)
     if accelerator.is_main_process:
-        output_dir = Path(directory)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in (("scores.jsonl", "\n".join(scores_lines) + "\n"),
-                           ("results.json", json.dumps(results, indent=2, default=str) + "\n"),
-                           ("metrics.json", json.dumps(metrics, indent=2) + "\n"),
-                           ("table.txt", table + "\n")):
-            write_text_atomic(output_dir / name, text)
-        print(table)
+        write_run(Path(directory), results, scores_lines, metrics, table)
     accelerator.wait_for_everyone()
     results["metrics"] = metrics
     return results

@@ -146,6 +146,7 @@ class Scorer:
 def evaluate(module, paths: list[str], directory: Path, scorer: Scorer, model_record: dict) -> dict:
     """Score one benchmark's files (`module`: rlhfkit/eval/benchmarks.py) and write its files into `directory`;
     returns its results (what results.json holds) with its flat `metrics`."""
+    from rlhfkit.eval import benchmarks
     from rlhfkit.eval import diagnostics as rm_diagnostics
     from rlhfkit.eval.dpo_scoring import DPO_MAX_PROMPT_LENGTH, dpo_tokenize_pair
     from rlhfkit.scoring import encode_conversations, score_conversations, shard_and_gather
@@ -256,7 +257,7 @@ def evaluate(module, paths: list[str], directory: Path, scorer: Scorer, model_re
         "truncation": truncation,
     }
     diagnostics: dict = {}
-    summary = module.summarize(rows, scores, sequence_truncated, data.totals())
+    summary = benchmarks.summarize(module, rows, scores, sequence_truncated, data.totals())
     results.update(summary["results"])
     table = summary["table"]
     chosen_scores = [scores[i] for i, _, _ in summary["pairs"]]

@@ -55,7 +55,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from rlhfkit.errors import UserError, where
+from rlhfkit.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -244,31 +244,12 @@ def load_rewardbench_rows(paths: Sequence[str], split: str = "train", skip_inval
                           flags: Callable[[dict], Counter] | None = None) -> BenchmarkRows:
     """Every row of every file, as RewardBench scores them: identical pairs and empty responses are kept (and counted
     in the report), never dropped. `convert(record, location) -> row` raises UserError for a malformed row, which
-    `skip_invalid` turns into a counted skip; `flags(row) -> Counter` adds to the report (default `row_flags`)."""
-    from pathlib import Path
+    `skip_invalid` turns into a counted skip; `flags(row) -> Counter` adds to the report (default `row_flags`).
+    The reading is `rlhfkit.eval.loading.load_rows`, as for every benchmark."""
+    from rlhfkit.eval.loading import load_rows
 
-    from rlhfkit.files import read_records
-
-    rows: list[dict] = []
-    report: dict[str, dict] = {}
-    for path in paths:
-        records = read_records(path, split=split, skip_invalid=skip_invalid)
-        counts: Counter = Counter(read=len(records) + sum(records.skipped.values()), **records.skipped)
-        name = Path(path).name.split(".")[0] or str(path)
-        for number, record in enumerate(records, start=1):
-            try:
-                row = convert(record, where(path, number))
-            except UserError:
-                if not skip_invalid:
-                    raise
-                counts["skipped_invalid"] += 1
-                continue
-            row.setdefault("source", name)
-            counts.update((flags or row_flags)(row))
-            counts["scored"] += 1
-            rows.append(row)
-        report[str(path)] = dict(counts)
-    return BenchmarkRows(rows, report)
+    return load_rows(paths, lambda record, location, _file: convert(record, location), flags or row_flags, split,
+                     skip_invalid)
 
 
 def row_flags(row: dict) -> Counter:

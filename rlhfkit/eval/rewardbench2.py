@@ -27,7 +27,7 @@ correct completions, a row without an incorrect one, `total_completions` not mat
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
@@ -97,15 +97,6 @@ def parse_ties_id(row_id: str, loc: str = "Ties row") -> tuple[str, int]:
         return parts[0], int(parts[1])
     except ValueError:
         raise UserError(f"{loc}: field 'id': a Ties id must end with an integer prompt id, got '{row_id}'") from None
-
-
-def row_flags(row: dict) -> Counter:
-    flags: Counter = Counter()
-    flags["completions"] += len(row["completions"])
-    flags["empty_completions"] += sum(not text.strip() for text in row["completions"])
-    if len(set(row["completions"])) < len(row["completions"]):
-        flags["rows_with_identical_completions"] += 1
-    return flags
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,9 +247,10 @@ def detect(records: list) -> bool:
 
 
 def load(paths: Sequence[str], split: str = "train", skip_invalid: bool = False):
+    from rlhfkit.eval.loading import completion_flags
     from rlhfkit.eval.rewardbench import load_rewardbench_rows
 
-    return load_rewardbench_rows(paths, split, skip_invalid, convert=v2_row, flags=row_flags)
+    return load_rewardbench_rows(paths, split, skip_invalid, convert=v2_row, flags=completion_flags)
 
 
 def diagnostic_pairs(row: dict) -> list[tuple[int, int]]:

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from rlhfkit.errors import UserError
-from rlhfkit.eval.loading import completion_flags, load_rows, looks_like, summarize_rows
+from rlhfkit.eval.loading import completion_flags, load_rows
 
 NAME = "rmb"
 SECTIONS = (("Pairwise", "Helpfulness"), ("Pairwise", "Harmlessness"), ("BoN", "Helpfulness"), ("BoN", "Harmlessness"))
@@ -217,19 +217,6 @@ MAX_LENGTH = 2048  # eval/scripts/my_run_rm.py
 TRUNCATION_SIDE = "left"
 TRUNCATION_RULE = "RMB eval/scripts/my_run_rm.py: tokenizer truncation, side 'left'"
 DPO_MODE = True
-
-
-def detect(records: list) -> bool:
-    return looks_like(records, is_record)
-
-
-def summarize(rows: list[dict], scores: Sequence[float], truncated: Sequence[bool], totals: dict) -> dict:
-    return summarize_rows(rows, scores, truncated, totals, NAME, score_rows, format_table, metrics, diagnostic_pairs,
-                          diagnostic_source)
-
-
-def headline_of(results: dict) -> float:
-    return headline(results[NAME])
 
 
 def diagnostic_source(row: dict) -> str:

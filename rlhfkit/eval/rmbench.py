@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from rlhfkit.errors import UserError
-from rlhfkit.eval.loading import completion_flags, default_source, load_rows, looks_like, string_field, summarize_rows
+from rlhfkit.eval.loading import completion_flags, load_rows, string_field
 
 NAME = "rm-bench"
 DOMAINS = ("chat", "math", "code", "safety")  # split_dataset_by_domain's order
@@ -222,19 +222,6 @@ MAX_LENGTH = 2048  # scripts/run_rm.py (RewardBench's)
 TRUNCATION_SIDE = "left"
 TRUNCATION_RULE = "RM-Bench scripts/run_rm.py: tokenizer truncation, side 'left'"
 DPO_MODE = True
-
-
-def detect(records: list) -> bool:
-    return looks_like(records, is_record)
-
-
-def summarize(rows: list[dict], scores: Sequence[float], truncated: Sequence[bool], totals: dict) -> dict:
-    return summarize_rows(rows, scores, truncated, totals, NAME, score_rows, format_table, metrics, diagnostic_pairs,
-                          default_source)
-
-
-def headline_of(results: dict) -> float:
-    return headline(results[NAME])
 
 
 def dpo_groups(row: dict) -> list[list[int]]:

@@ -13,13 +13,15 @@ On top of HF `Trainer`: LoRA (a PEFT model is passed in), DeepSpeed/ZeRO-3 and c
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from rlhfkit import layout_check
 from rlhfkit import pairwise as pw
+from rlhfkit.args import TrainingDefaults
 
 
 def label_token_loss(logits: torch.Tensor, targets: torch.Tensor, candidates: torch.Tensor):
@@ -124,6 +126,61 @@ class LabelTokenTrainer(Trainer):
                                                              sum(stats["negative_actual"])).items()})
         self._stats[mode] = defaultdict(list)
         super().log(logs, start_time)
+
+
+@dataclass
+class LabelTokenArguments(TrainingDefaults, TrainingArguments):
+    """HF TrainingArguments with this toolkit's defaults (rlhfkit.args.TrainingDefaults), for pm_train.py and
+    prm_train.py (each says what its `max_length` counts)."""
+
+    max_length: int | None = field(default=2048, metadata={"help": "Longest sequence in tokens."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept off: the collator reads our columns."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint (as TRL's configs)."})
+
+
+def train_label_token_stage(stage: str, script_args, model_args, training_args, *, model, model_path: str, tokenizer,
+                            candidates: list[int], train_rows: list, train_records: list[dict],
+                            eval_records: list[dict], metric: str, run_info: dict, counts: dict,
+                            before_keys: tuple[str, ...]) -> dict:
+    """The train and save sections pm_train.py and prm_train.py share; returns the stage's metrics. The staging dir
+    appears only here, so bad input found before leaves nothing behind; a resume must be the same run (flags,
+    training rows, model, tokenizer: `StageOutput.for_trainer`). `run_info`: the stage's own part of run_info.json
+    (the label tokens and the layout used are added); `counts`: the train/eval example counts, kept in metrics.json.
+
+    "Before training" (`before_keys`, suffixed `_before`) is measured inside train() (eval_on_start), not by an
+    evaluate() ahead of it: under ZeRO-3 that leaves HF's Trainer holding an inference engine and no training engine
+    (backward on None)."""
+    from datasets import Dataset
+
+    from rlhfkit.checkpoints import StageOutput
+    from rlhfkit.cli import to_dict
+    from rlhfkit.faults import install_fault_handlers
+    from rlhfkit.saving import save_final_model
+
+    train_dataset = Dataset.from_list(train_records)
+    eval_dataset = Dataset.from_list(eval_records) if eval_records else None
+    output, resume_from = StageOutput.for_trainer(training_args, stage, overwrite=model_args.overwrite_output_dir,
+                                                  arguments=(script_args, model_args), dataset=train_rows,
+                                                  model=model_path, tokenizer=tokenizer)  # a resume is this run
+    measure_start = eval_dataset is not None and resume_from is None
+    training_args.eval_on_start = training_args.eval_on_start or measure_start
+    trainer = LabelTokenTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                                eval_dataset=eval_dataset, processing_class=tokenizer, candidates=candidates,
+                                metric=metric, pairwise_forward=script_args.pairwise_forward)
+    install_fault_handlers(trainer, training_args)  # preemption → checkpoint + exit 75; non-finite loss → stop
+    metrics: dict = {}
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    if measure_start:  # the step-0 evaluation of eval_on_start
+        start = next(entry for entry in trainer.state.log_history if "eval_loss" in entry)
+        metrics.update({f"{k}_before": v for k, v in start.items() if k in before_keys})
+    metrics.update({f"train_{k}" if not k.startswith("train") else k: v for k, v in train_result.metrics.items()})
+    if eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    save_final_model(trainer, output.staging, tokenizer, merge_lora=not model_args.save_adapter_only)
+    run_info = {**run_info, "label_token_ids": candidates, "pairwise_forward": trainer.pairwise_layout}
+    metrics["data"] = counts
+    output.finalize(run_info, metrics, to_dict(script_args, model_args, training_args))
+    return metrics
 
 
 def binary_f1(true_positive: float, predicted: float, actual: float) -> dict:
