@@ -79,6 +79,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     from rlhfkit.saving import save_final_model
     from rlhfkit.data import load_train_eval
     from rlhfkit.faults import install_fault_handlers
+    from rlhfkit.threads import follow_between_steps
     from rlhfkit.models import (ensure_pad_token, load_causal_lm, load_tokenizer, match_vocabulary, peft_config,
                                 resolve_model)
 
@@ -145,6 +146,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         logger.warning("--max_length %s: pairs truncated (TRL keeps the first max_length tokens): %s; pairs dropped "
                        "(prompt alone too long): %s", training_args.max_length, too_long, prompt_too_long)
     install_fault_handlers(trainer, training_args)  # preemption → checkpoint + exit 75; non-finite loss → stop
+    follow_between_steps(trainer)  # take the cores a finished partner stage left (RLHFKIT_THREADS_FILE)
     if training_args.precompute_ref_log_probs and ref_model is not None:
         release_reference(trainer)
         del ref_model

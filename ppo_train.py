@@ -11,7 +11,7 @@ functions in `rlhfkit/rl/estimators.py` and `objectives.py` (tested against hand
 weights once per rollout (`unwrap_model_for_generation`) and for preparing frozen models under DeepSpeed.
 
 One PPO step (`rlhfkit.rl.rollout`, `.scoring`, `.ppo`; flags in `rlhfkit.rl.config.PPOConfig`):
-    rollout() → score() → forward_rollout() / reference_logprobs() → compute_advantages() → ppo_update()
+    rollout() → score() → forward_rollout() / reference_logprobs() → step_advantages() → ppo_update()
 - rollout: batched HF `generate` with the stop rules of `generation/` (`rlhfkit.sampling`: EOS plus the chat
   template's end-of-turn token), per-sample seeds derived from (seed, step, prompt position), so a resumed run draws
   the same samples; then one no-grad forward each for the policy's log-probs, the values and the reference log-probs.
@@ -433,7 +433,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
                                                       suppressed, ref_layout)
         kl = ppo.token_kl(args, logprobs, ref_logprobs, batch.mask)
         kl_coef = kl_controller.value
-        advantages, returns = ppo.compute_advantages(args, scores, kl, batch.mask, values, kl_coef, step_rewards)
+        advantages, returns = ppo.step_advantages(args, scores, kl, batch.mask, values, kl_coef, step_rewards)
         vllm_metrics = {}
         if rollout_engine is not None and args.vllm_importance_sampling_correction:
             advantages, vllm_metrics = rollout_engine.importance_correction(advantages, logprobs, batch)

@@ -103,6 +103,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     from rlhfkit.saving import save_final_model
     from rlhfkit.data import load_train_eval
     from rlhfkit.faults import install_fault_handlers
+    from rlhfkit.threads import follow_between_steps
     from rlhfkit.models import (ensure_pad_token, load_reward_model, load_tokenizer, peft_config, resolve_model,
                                 reward_head_names)
     from rlhfkit.train.reward_trainer import RewardModelTrainer
@@ -166,6 +167,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         **extra,
     )
     install_fault_handlers(trainer, training_args)  # preemption → checkpoint + exit 75; non-finite loss → stop
+    follow_between_steps(trainer)  # take the cores a finished partner stage left (RLHFKIT_THREADS_FILE)
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in train_result.metrics.items()}
     if eval_dataset is not None:

@@ -75,6 +75,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     from rlhfkit.saving import save_final_model
     from rlhfkit.data import train_eval_split
     from rlhfkit.faults import install_fault_handlers
+    from rlhfkit.threads import follow_between_steps
     from rlhfkit.models import ensure_pad_token, load_causal_lm, peft_config, resolve_causal_start
     from rlhfkit.train.sft_data import load_sft
 
@@ -114,6 +115,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
                                                  model=model_path, tokenizer=tokenizer)  # a resume is this run
     trainer = build_trainer(SFTTrainer, model, tokenizer, training_args, train_dataset, eval_dataset, lora)
     install_fault_handlers(trainer, training_args)
+    follow_between_steps(trainer)  # take the cores a finished partner stage left (RLHFKIT_THREADS_FILE)
     # TRL drops rows left with no trained token after truncation (e.g. a prompt alone filling max_length)
     dropped_by_max_length = 0 if training_args.packing else len(train_rows) - len(trainer.train_dataset)
     if len(trainer.train_dataset) == 0:

@@ -283,8 +283,7 @@ def annotate_worker(args, path, rows, tokenizer) -> dict:
 
     from rlhfkit.models import ensure_pad_token
     from rlhfkit.layout_check import choose_layout
-    from rlhfkit.pairwise import batched_plans
-    from rlhfkit.scoring import encode_conversations, prompt_groups, score_ids
+    from rlhfkit.scoring import batched_plans, encode_conversations, prompt_groups, score_sequences
 
     torch.manual_seed(args.seed)
     model = family_model(args.family, path, "reward").eval()
@@ -305,7 +304,7 @@ def annotate_worker(args, path, rows, tokenizer) -> dict:
     for _, plan in batched_plans(sequences, groups, args.batch_size, kind, tokenizer.pad_token_id):
         counter.count(plan.to_inputs())
     start, cpu_start = time.perf_counter(), time.process_time()
-    score_ids(model, tokenizer.pad_token_id, sequences, args.batch_size, groups=groups, layout=layout)
+    score_sequences(model, sequences, tokenizer.pad_token_id, args.batch_size, groups, layout)
     return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start, **counter.totals,
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "pairwise_layout": kind}
 

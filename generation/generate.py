@@ -204,8 +204,8 @@ def main(args: ScriptArguments) -> dict | None:
 
     from rlhfkit.models import load_causal_lm, load_tokenizer, resolve_model, torch_dtype
     from rlhfkit.prompts import load_prompts
-    from rlhfkit.sampling import (checkpoint_processor_settings, derive_seed, generate_batch,
-                                  render_generation_prompt, stop_token_ids)
+    from rlhfkit.logits_processors import checkpoint_processor_settings
+    from rlhfkit.sampling import derive_seed, generate_batch, render_generation_prompt, stop_token_ids
     from rlhfkit.threads import follow as follow_thread_hint
 
     state = partial_state()

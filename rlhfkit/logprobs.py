@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import UserError
+from .scoring import prompt_groups
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------------------------
 # pure tensor functions
 # ---------------------------------------------------------------------------------------------------------------
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+def shifted_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Log-probability of each token given the tokens before it.
 
     logits: [B, T, V] (position t predicts token t+1); input_ids: [B, T] → [B, T] where column 0 is 0 (the first
@@ -51,7 +52,7 @@ def response_logprob_sums(logits: torch.Tensor, input_ids: torch.Tensor, respons
         raise ValueError(f"response_mask {tuple(response_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
     if bool(response_mask[:, 0].any()):
         raise ValueError("response_mask marks position 0, which no logit predicts")
-    per_token = token_logprobs(logits, input_ids)
+    per_token = shifted_token_logprobs(logits, input_ids)
     return (per_token * response_mask.to(per_token.dtype)).sum(dim=1)
 
 
@@ -112,21 +113,13 @@ def sequence_logprobs(model, tokenizer, conversations: Sequence[Sequence[dict]],
                       progress: bool = False, desc: str = "log-probs", layout: str = "auto") -> list[float]:
     """Σ log π(response | prompt) for each conversation (prompt messages + trailing assistant response)."""
     encoded = [conversation_ids(tokenizer, conv) for conv in conversations]
-    return _scores_for(model, tokenizer, encoded, batch_size, progress, desc, _prompt_groups(conversations), layout)
-
-
-def _prompt_groups(conversations) -> list[list[int]]:
-    import json
-
-    from .pairwise import groups_by_key
-
-    return groups_by_key([json.dumps(split_conversation(conv)[0], sort_keys=True) for conv in conversations])
+    return _scores_for(model, tokenizer, encoded, batch_size, progress, desc, prompt_groups(conversations), layout)
 
 
 def _scores_for(model, tokenizer, encoded, batch_size, progress, desc, groups=None, layout="auto") -> list[float]:
     """Response log-prob sums through the packed pairwise forward (rlhfkit.pairwise): responses to one prompt
     compute it once, and the LM head runs only where a response token is predicted."""
-    from .pairwise import sequence_logprob_sums
+    from .scoring import sequence_logprob_sums
 
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, not {batch_size}")
@@ -157,7 +150,7 @@ def implicit_rewards(policy, reference, tokenizer, conversations: Sequence[Seque
             "the implicit reward needs the reference the policy was trained from"
         )
     encoded = [conversation_ids(tokenizer, conv) for conv in conversations]
-    groups = _prompt_groups(conversations)
+    groups = prompt_groups(conversations)
     policy_scores = _scores_for(policy, tokenizer, encoded, batch_size, progress, "policy log-probs", groups)
     reference_scores = _scores_for(reference, tokenizer, encoded, batch_size, progress, "reference log-probs", groups)
     return [p - r for p, r in zip(policy_scores, reference_scores)]

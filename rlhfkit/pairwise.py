@@ -439,7 +439,7 @@ def token_logprobs(model, plan_: Plan, temperature: float = 1.0, extras: bool = 
     if temperature != 1.0:
         logits = logits / temperature
     if len(suppressed):  # after the temperature, as PPO's padded forward (`PolicyAndValue.forward`)
-        from rlhfkit.sampling import suppress_tokens
+        from rlhfkit.logits_processors import suppress_tokens
 
         logits = suppress_tokens(logits, suppressed)
     log_norm = torch.logsumexp(logits, dim=-1)
@@ -517,15 +517,6 @@ def padded_scored_mask(plan_: Plan) -> torch.Tensor:
     return scatter_padded(ones, plan_, fill=0)
 
 
-def layout_stats(plan_: Plan) -> dict:
-    """Token counts of a plan: real tokens of the sequences, tokens computed, padding share of the layout."""
-    computed = plan_.computed_tokens
-    return {"sequence_tokens": plan_.sequence_tokens, "computed_tokens": computed,
-            "layout_tokens": plan_.layout_tokens,
-            "padding_share": 1 - computed / max(plan_.layout_tokens, 1),
-            "lm_head_positions": int(plan_.logit_index.numel())}
-
-
 def position_offset(model) -> int:
     """Where a model's absolute position ids start: RoBERTa-family models count from padding_idx + 1."""
     config = _config(model)
@@ -534,111 +525,5 @@ def position_offset(model) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# inference: scoring many sequences, groups kept whole (annotation's K samples, a pair, RewardBench 2's candidates)
-# ---------------------------------------------------------------------------------------------------------------
-def groups_by_key(keys: list) -> list[list[int]]:
-    """Indices grouped by equal key (e.g. the prompt each response answers), in order of first appearance."""
-    groups: dict = {}
-    for index, key in enumerate(keys):
-        groups.setdefault(key, []).append(index)
-    return list(groups.values())
-
-
-def linked_groups(count: int, links: list[tuple[int, int]]) -> list[list[int]]:
-    """Indices 0 … count−1 grouped by connectivity of `links` (e.g. each pair's chosen and rejected after identical
-    sequences were merged, so one sequence may belong to several pairs)."""
-    parent = list(range(count))
-
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in links:
-        parent[root(a)] = root(b)
-    return groups_by_key([root(i) for i in range(count)])
-
-
-def batched_plans(sequences: list[list[int]], groups: list[list[int]] | None, batch_size: int, kind: str,
-                  pad_token_id: int, score_from: list[int] | None = None, position_offset: int = 0):
-    """Yield (sequence indices, Plan) covering every sequence once: groups kept whole, longest first, at most
-    `batch_size` sequences per forward (a larger group runs alone)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    groups = groups or [[i] for i in range(len(sequences))]
-    cost = lambda g: max(len(sequences[i]) for i in g) + sum(len(sequences[i]) for i in g)  # noqa: E731
-    batch: list[list[int]] = []
-    for group in sorted(groups, key=lambda g: -cost(g)):
-        if batch and sum(map(len, batch)) + len(group) > batch_size:
-            yield _plan_for(batch, sequences, kind, pad_token_id, score_from, position_offset)
-            batch = []
-        batch.append(group)
-    if batch:
-        yield _plan_for(batch, sequences, kind, pad_token_id, score_from, position_offset)
-
-
-def _plan_for(batch, sequences, kind, pad_token_id, score_from, position_offset):
-    index = [i for group in batch for i in group]
-    local = {i: n for n, i in enumerate(index)}
-    plan_ = plan([sequences[i] for i in index], [[local[i] for i in group] for group in batch], kind=kind,
-                 pad_token_id=pad_token_id, position_offset=position_offset,
-                 score_from=None if score_from is None else [score_from[i] for i in index])
-    return index, plan_
-
-
 def device_of(model):
     return next(unwrap(model).parameters()).device
-
-
-@torch.no_grad()
-def score_sequences(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 8,
-                    groups: list[list[int]] | None = None, layout: str = "auto", progress: bool = False,
-                    desc: str = "scoring") -> list[float]:
-    """Reward-model score of each token sequence, in input order; `groups` share their common prefix."""
-    from tqdm.auto import tqdm
-
-    if pad_token_id is None:
-        raise ValueError("pad_token_id is None: call rlhfkit.models.ensure_pad_token first")
-    from .layout_check import choose_layout  # it runs plans of this module: imported here, not at the top
-
-    kind = choose_layout(model, layout)
-    device = device_of(model)
-    scores = [0.0] * len(sequences)
-    plans = list(batched_plans(sequences, groups, batch_size, kind, pad_token_id,
-                               position_offset=position_offset(model)))
-    for index, plan_ in tqdm(plans, desc=desc, disable=not progress):
-        values = sequence_rewards(model, plan_.to(device)).float().cpu().tolist()
-        for i, value in zip(index, values):
-            scores[i] = value
-    return scores
-
-
-@torch.no_grad()
-def sequence_logprob_sums(model, sequences: list[list[int]], score_from: list[int], pad_token_id: int,
-                          batch_size: int = 8, groups: list[list[int]] | None = None, layout: str = "auto",
-                          progress: bool = False, desc: str = "log-probs", reduce: str = "sum") -> list[float]:
-    """Σ (reduce="sum") or mean (reduce="mean") of log p(token | before) over tokens score_from[i] … end of each
-    sequence, in input order; `groups` share their common prefix and the LM head runs only at scored positions."""
-    from tqdm.auto import tqdm
-
-    if reduce not in ("sum", "mean"):
-        raise ValueError(f"reduce must be sum or mean, not {reduce!r}")
-    from .layout_check import choose_layout  # it runs plans of this module: imported here, not at the top
-
-    kind = choose_layout(model, layout)
-    if kind == "packed" and is_encoder(_config(model)):
-        raise ValueError("log-probs need a causal LM")
-    device = device_of(model)
-    out = [0.0] * len(sequences)
-    plans = list(batched_plans(sequences, groups, batch_size, kind, pad_token_id, score_from=score_from))
-    for index, plan_ in tqdm(plans, desc=desc, disable=not progress):
-        plan_ = plan_.to(device)
-        sums = sum_per_sequence(token_logprobs(model, plan_).log_probs, plan_)
-        if reduce == "mean":
-            counts = sum_per_sequence(torch.ones_like(plan_.token_sequence, dtype=sums.dtype), plan_)
-            sums = sums / counts.clamp(min=1)
-        for i, value in zip(index, sums.float().cpu().tolist()):
-            out[i] = value
-    return out

@@ -172,7 +172,8 @@ def win_probabilities(model, tokenizer, template: PairTemplate, comparisons: lis
     from tqdm.auto import tqdm
 
     from .layout_check import choose_layout
-    from .pairwise import batched_plans, groups_by_key, logits_at
+    from .pairwise import logits_at
+    from .scoring import batched_plans, groups_by_key
 
     if not comparisons:
         return [], {"truncated_sequences": 0}

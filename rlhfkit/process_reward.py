@@ -314,7 +314,8 @@ def step_scores(model, tokenizer, fmt: StepFormat, items: list[tuple[list[dict],
     """P(+) at every step of each (prompt, steps), one forward per response (packed, no padding). Steps beyond
     `max_length` tokens are not scored (fewer scores than steps: the caller decides)."""
     from .layout_check import choose_layout
-    from .pairwise import batched_plans, flat_positions, logits_at
+    from .pairwise import flat_positions, logits_at
+    from .scoring import batched_plans
 
     ids = label_token_ids(tokenizer, fmt)
     sequences, ends = [], []

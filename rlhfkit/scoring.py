@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 
+import torch
+
+from . import pairwise as pw
 from .tokenization import render_ids
 
 
@@ -33,21 +36,9 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], max_length:
     return encoded
 
 
-def score_ids(model, pad_token_id: int, sequences: list[list[int]], batch_size: int = 8, progress: bool = False,
-              desc: str = "scoring", groups: list[list[int]] | None = None, layout: str = "auto") -> list[float]:
-    """Scores of token sequences, in input order, through the packed pairwise forward (rlhfkit.pairwise): `groups`
-    (e.g. the responses to one prompt) compute their shared prefix once; `layout="padded"` is the plain
-    right-padded batch."""
-    from .pairwise import score_sequences
-
-    return score_sequences(model, sequences, pad_token_id, batch_size, groups, layout, progress, desc)
-
-
 def prompt_groups(conversations: list[list[dict]]) -> list[list[int]]:
     """Conversations answering the same prompt (all messages but the last), which share their rendered prefix."""
     import json
-
-    from .pairwise import groups_by_key
 
     return groups_by_key([json.dumps(messages[:-1], sort_keys=True) for messages in conversations])
 
@@ -66,8 +57,7 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], batch
     sequences = encode_conversations(tokenizer, conversations, max_length, truncate)
     groups = prompt_groups(conversations)
     if accelerator is None or accelerator.num_processes == 1:
-        scores = score_ids(model, tokenizer.pad_token_id, sequences, batch_size, progress, groups=groups,
-                           layout=layout)
+        scores = score_sequences(model, sequences, tokenizer.pad_token_id, batch_size, groups, layout, progress)
     else:
         from accelerate.utils import gather_object
 
@@ -75,9 +65,9 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], batch
         mine_groups = by_length[accelerator.process_index :: accelerator.num_processes]
         mine = [i for group in mine_groups for i in group]
         local_index = {i: n for n, i in enumerate(mine)}
-        local = score_ids(model, tokenizer.pad_token_id, [sequences[i] for i in mine], batch_size,
-                          progress and accelerator.is_main_process,
-                          groups=[[local_index[i] for i in group] for group in mine_groups], layout=layout)
+        local = score_sequences(model, [sequences[i] for i in mine], tokenizer.pad_token_id, batch_size,
+                                [[local_index[i] for i in group] for group in mine_groups], layout,
+                                progress and accelerator.is_main_process)
         gathered = gather_object([(index, score) for index, score in zip(mine, local)])
         scores = [math.nan] * len(sequences)
         for index, score in gathered:
@@ -148,3 +138,111 @@ class RewardModelScorer:
             progress = self.progress if self.progress is not None else len(conversations) > 4 * self.batch_size
         return score_conversations(self.model, self.tokenizer, conversations, self.batch_size, self.max_length,
                                    progress=progress, accelerator=self.accelerator)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# many sequences through the pairwise forward, groups kept whole (annotation's K samples, a pair, RewardBench 2's candidates)
+# ---------------------------------------------------------------------------------------------------------------
+def groups_by_key(keys: list) -> list[list[int]]:
+    """Indices grouped by equal key (e.g. the prompt each response answers), in order of first appearance."""
+    groups: dict = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
+def linked_groups(count: int, links: list[tuple[int, int]]) -> list[list[int]]:
+    """Indices 0 … count−1 grouped by connectivity of `links` (e.g. each pair's chosen and rejected after identical
+    sequences were merged, so one sequence may belong to several pairs)."""
+    parent = list(range(count))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in links:
+        parent[root(a)] = root(b)
+    return groups_by_key([root(i) for i in range(count)])
+
+
+def batched_plans(sequences: list[list[int]], groups: list[list[int]] | None, batch_size: int, kind: str,
+                  pad_token_id: int, score_from: list[int] | None = None, position_offset: int = 0):
+    """Yield (sequence indices, Plan) covering every sequence once: groups kept whole, longest first, at most
+    `batch_size` sequences per forward (a larger group runs alone)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    groups = groups or [[i] for i in range(len(sequences))]
+    cost = lambda g: max(len(sequences[i]) for i in g) + sum(len(sequences[i]) for i in g)  # noqa: E731
+    batch: list[list[int]] = []
+    for group in sorted(groups, key=lambda g: -cost(g)):
+        if batch and sum(map(len, batch)) + len(group) > batch_size:
+            yield _plan_for(batch, sequences, kind, pad_token_id, score_from, position_offset)
+            batch = []
+        batch.append(group)
+    if batch:
+        yield _plan_for(batch, sequences, kind, pad_token_id, score_from, position_offset)
+
+
+def _plan_for(batch, sequences, kind, pad_token_id, score_from, position_offset):
+    index = [i for group in batch for i in group]
+    local = {i: n for n, i in enumerate(index)}
+    plan_ = pw.plan([sequences[i] for i in index], [[local[i] for i in group] for group in batch], kind=kind,
+                 pad_token_id=pad_token_id, position_offset=position_offset,
+                 score_from=None if score_from is None else [score_from[i] for i in index])
+    return index, plan_
+
+
+@torch.no_grad()
+def score_sequences(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 8,
+                    groups: list[list[int]] | None = None, layout: str = "auto", progress: bool = False,
+                    desc: str = "scoring") -> list[float]:
+    """Reward-model score of each token sequence, in input order, through the pairwise forward (rlhfkit.pairwise):
+    `groups` (e.g. the responses to one prompt) compute their shared prefix once; `layout="padded"` is the plain
+    right-padded batch."""
+    from tqdm.auto import tqdm
+
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None: call rlhfkit.models.ensure_pad_token first")
+    from .layout_check import choose_layout
+
+    kind = choose_layout(model, layout)
+    device = pw.device_of(model)
+    scores = [0.0] * len(sequences)
+    plans = list(batched_plans(sequences, groups, batch_size, kind, pad_token_id,
+                               position_offset=pw.position_offset(model)))
+    for index, plan_ in tqdm(plans, desc=desc, disable=not progress):
+        values = pw.sequence_rewards(model, plan_.to(device)).float().cpu().tolist()
+        for i, value in zip(index, values):
+            scores[i] = value
+    return scores
+
+
+@torch.no_grad()
+def sequence_logprob_sums(model, sequences: list[list[int]], score_from: list[int], pad_token_id: int,
+                          batch_size: int = 8, groups: list[list[int]] | None = None, layout: str = "auto",
+                          progress: bool = False, desc: str = "log-probs", reduce: str = "sum") -> list[float]:
+    """Σ (reduce="sum") or mean (reduce="mean") of log p(token | before) over tokens score_from[i] … end of each
+    sequence, in input order; `groups` share their common prefix and the LM head runs only at scored positions."""
+    from tqdm.auto import tqdm
+
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be sum or mean, not {reduce!r}")
+    from .layout_check import choose_layout
+
+    kind = choose_layout(model, layout)
+    if kind == "packed" and pw.is_encoder(pw.unwrap(model).config):
+        raise ValueError("log-probs need a causal LM")
+    device = pw.device_of(model)
+    out = [0.0] * len(sequences)
+    plans = list(batched_plans(sequences, groups, batch_size, kind, pad_token_id, score_from=score_from))
+    for index, plan_ in tqdm(plans, desc=desc, disable=not progress):
+        plan_ = plan_.to(device)
+        sums = pw.sum_per_sequence(pw.token_logprobs(model, plan_).log_probs, plan_)
+        if reduce == "mean":
+            counts = pw.sum_per_sequence(torch.ones_like(plan_.token_sequence, dtype=sums.dtype), plan_)
+            sums = sums / counts.clamp(min=1)
+        for i, value in zip(index, sums.float().cpu().tolist()):
+            out[i] = value
+    return out

@@ -3,7 +3,8 @@
 Two stages side by side on a 2-core CPU run best with one thread each (torch's threads spin-wait for each other
 when the cores are oversubscribed); when one ends, the other should take both cores. A chain script (the demo)
 writes the count it wants into the file named by `$RLHFKIT_THREADS_FILE`; `follow()` is called between steps by
-the long-running loops (ppo_train.py's PPO steps, generate.py's batches) and applies a changed count. Without the
+the long-running loops (ppo_train.py's PPO steps, generate.py's batches, and through `follow_between_steps` every
+HF-Trainer stage's optimizer steps) and applies a changed count. Without the
 variable, or with an unreadable file, nothing changes.
 """
 
@@ -32,3 +33,17 @@ def follow() -> int | None:
         logger.info("threads: %d → %d (%s)", torch.get_num_threads(), wanted, path)
         torch.set_num_threads(wanted)
     return torch.get_num_threads()
+
+
+def follow_between_steps(trainer) -> None:
+    """Make an HF `Trainer` call `follow()` after every optimizer step (sft/rm/dpo/pm/prm: in the demo DPO runs beside
+    PPO on one core and takes the second when PPO ends). Nothing is added without `$RLHFKIT_THREADS_FILE`."""
+    if not os.environ.get(ENV):
+        return
+    from transformers import TrainerCallback
+
+    class FollowThreadHint(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            follow()
+
+    trainer.add_callback(FollowThreadHint())

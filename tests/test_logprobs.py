@@ -13,7 +13,7 @@ from rlhfkit.logprobs import (
     response_logprob_sums,
     sequence_logprobs,
     split_conversation,
-    token_logprobs,
+    shifted_token_logprobs,
 )
 
 torch.set_num_threads(1)  # 2 shared cores: oversubscribed threads make tiny models ~50x slower
@@ -26,7 +26,7 @@ def _log_softmax(row, index):
 def test_token_logprobs_hand_computed():
     logits = torch.tensor([[[1.0, 2.0, 0.0], [0.5, 0.5, 3.0], [0.0, 0.0, 0.0]]])  # [1, 3, 3]
     ids = torch.tensor([[2, 1, 2]])
-    got = token_logprobs(logits, ids)
+    got = shifted_token_logprobs(logits, ids)
     expected = [0.0, _log_softmax([1.0, 2.0, 0.0], 1), _log_softmax([0.5, 0.5, 3.0], 2)]
     assert got.shape == (1, 3)
     assert got[0].tolist() == pytest.approx(expected, abs=1e-6)

@@ -11,6 +11,7 @@ import transformers
 
 from rlhfkit import layout_check
 from rlhfkit import pairwise as pw
+from rlhfkit import scoring
 from rlhfkit.errors import UserError
 from rlhfkit.train.losses import bradley_terry_loss
 
@@ -367,7 +368,7 @@ def test_the_choice_is_checked_once_and_logged_once_per_model(monkeypatch, caplo
     sequences, groups, _ = _groups(3, 2, seed=21)
     with caplog.at_level("INFO", logger="rlhfkit.pairwise"):
         for _ in range(3):  # scoring, annotation and evaluation call it once per scoring pass
-            pw.score_sequences(model, sequences, PAD, groups=groups)
+            scoring.score_sequences(model, sequences, PAD, groups=groups)
     assert calls == ["prefix_shared"]
     assert caplog.text.count("pairwise forward: prefix_shared for Qwen2ForSequenceClassification") == 1
 
@@ -410,14 +411,15 @@ def test_score_conversations_k_samples_equal_padded(backbone):
 
 
 def test_implicit_rewards_equal_padded(tiny_llama_dir):
-    from rlhfkit.logprobs import _prompt_groups, _scores_for, conversation_ids
+    from rlhfkit.logprobs import _scores_for, conversation_ids
+    from rlhfkit.scoring import prompt_groups
     from rlhfkit.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_llama_dir))
     model = load_causal_lm(str(tiny_llama_dir)).eval()
     conversations = _conversations(3, 5, seed=9)
     encoded = [conversation_ids(tokenizer, c) for c in conversations]
-    fast = _scores_for(model, tokenizer, encoded, 4, False, "x", _prompt_groups(conversations))
+    fast = _scores_for(model, tokenizer, encoded, 4, False, "x", prompt_groups(conversations))
     plain = _scores_for(model, tokenizer, encoded, 4, False, "x", None, layout="padded")
     assert fast == pytest.approx(plain, abs=1e-4)
 

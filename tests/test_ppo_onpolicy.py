@@ -21,7 +21,8 @@ import torch
 import ppo_train
 from rlhfkit.rl import config, networks, rollout
 from rlhfkit.cli import parse_args
-from rlhfkit.sampling import checkpoint_processor_settings, generate_batch, render_generation_prompt
+from rlhfkit.logits_processors import checkpoint_processor_settings
+from rlhfkit.sampling import generate_batch, render_generation_prompt
 
 TYPES = ppo_train.ARGUMENTS
 PROMPTS = [[{"role": "user", "content": text}] for text in

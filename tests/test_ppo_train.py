@@ -226,7 +226,7 @@ def test_rollout_layout_and_reward_position(monkeypatch):
                                whiten_advantages=False, gamma=1.0, lam=1.0)
     values = torch.zeros(2, 4)
     scores, kl = torch.tensor([2.0, 3.0]), torch.zeros(2, 4)
-    _, returns = ppo.compute_advantages(args, scores, kl, batch.mask, values, kl_coef=0.1)
+    _, returns = ppo.step_advantages(args, scores, kl, batch.mask, values, kl_coef=0.1)
     # γ = λ = 1 and V = 0: every token's return is the score; nothing after the EOS (a reward one token late
     # would be masked away and give 0 here)
     assert returns.tolist() == [[2.0, 2.0, 2.0, 0.0], [3.0, 3.0, 3.0, 3.0]]

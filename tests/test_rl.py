@@ -101,7 +101,7 @@ def test_token_rewards_kl_penalty_only_on_response_tokens():
     rewards, kl_rewards = rl.token_rewards(torch.tensor([1.0]), kl, mask, kl_coef=0.2)
     close(kl_rewards, [[-0.1, 0.05, 0.0]])
     close(rewards, [[-0.1, 1.05, 0.0]])
-    close(rl.sequence_rewards(torch.tensor([1.0]), kl, mask, 0.2), [1.0 - 0.2 * 0.25])
+    close(rl.kl_penalized_scores(torch.tensor([1.0]), kl, mask, 0.2), [1.0 - 0.2 * 0.25])
 
 
 def test_shape_scores_normalise_then_penalise_then_clip():

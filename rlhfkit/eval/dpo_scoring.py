@@ -108,6 +108,7 @@ def dpo_sequence_scores(model, sequences: Sequence[tuple[list[int], int]], pad_t
 
     from rlhfkit import layout_check
     from rlhfkit import pairwise as pw
+    from rlhfkit.scoring import batched_plans
 
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, not {batch_size}")
@@ -120,7 +121,7 @@ def dpo_sequence_scores(model, sequences: Sequence[tuple[list[int], int]], pad_t
     model.eval()
     try:
         with torch.no_grad():
-            plans = list(pw.batched_plans(ids, groups, batch_size, kind, pad_token_id, score_from=score_from))
+            plans = list(batched_plans(ids, groups, batch_size, kind, pad_token_id, score_from=score_from))
             for index, plan in tqdm(plans, desc=desc, disable=not progress):
                 plan = plan.to(device)
                 per_token = pw.scatter_padded(pw.token_logprobs(model, plan).log_probs, plan)

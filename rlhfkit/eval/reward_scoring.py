@@ -92,7 +92,7 @@ class Scorer:
         """DPO implicit rewards of (prompt, chosen, rejected) rows, as rewardbench/dpo.py: [(chosen, rejected)] and
         the tokenized pairs."""
         from rlhfkit.eval.dpo_scoring import dpo_sequence_scores, dpo_tokenize_pair
-        from rlhfkit.pairwise import linked_groups
+        from rlhfkit.scoring import linked_groups
 
         tokenized = [dpo_tokenize_pair(self.tokenizer, r["prompt"], r["chosen"], r["rejected"], max_length)
                      for r in pair_rows]

@@ -211,7 +211,7 @@ def token_rewards(
     return rewards, kl_rewards
 
 
-def sequence_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+def kl_penalized_scores(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """Sequence-level reward for the critic-free estimators: score − β·Σ_t KL_t ([B], [B, T], [B, T] → [B])."""
     return scores - kl_coef * masked_sum(kl, mask, dim=1)
 
@@ -340,9 +340,9 @@ def compute_advantages(
             rewards = rewards + step_rewards * mask
         advantages = reinforce_pp_advantages(rewards, mask, gamma)
     elif estimator is AdvantageEstimator.RLOO:
-        advantages = broadcast_to_tokens(rloo_advantages(sequence_rewards(scores, kl, mask, kl_coef), group_size), mask)
+        advantages = broadcast_to_tokens(rloo_advantages(kl_penalized_scores(scores, kl, mask, kl_coef), group_size), mask)
     elif estimator is AdvantageEstimator.GRPO:
-        per_sequence = grpo_advantages(sequence_rewards(scores, kl, mask, kl_coef), group_size, scale=grpo_scale_by_std)
+        per_sequence = grpo_advantages(kl_penalized_scores(scores, kl, mask, kl_coef), group_size, scale=grpo_scale_by_std)
         advantages = broadcast_to_tokens(per_sequence, mask)
     else:  # unreachable while every member has a branch; kept so a new member cannot fall through silently
         raise ValueError(f"advantage estimator '{estimator}' has no implementation")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from rlhfkit.errors import UserError
+from rlhfkit.logits_processors import suppress_tokens
 from rlhfkit.rl.rewards import ModelReward
 
 logger = logging.getLogger(__name__)
@@ -103,12 +104,6 @@ class PolicyAndValue(nn.Module):
                 model.gradient_checkpointing_disable()
 
 
-def suppress_tokens(logits: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
-    from rlhfkit.sampling import suppress_tokens as suppress
-
-    return suppress(logits, token_ids)
-
-
 def suppressed_token_ids(tokenizer, specs: list[str] | None) -> list[int]:
     """`--suppress_tokens` entries (token strings or ids) as ids; an unknown token is a one-line error."""
     ids = []
@@ -129,7 +124,7 @@ def suppressed_token_ids(tokenizer, specs: list[str] | None) -> list[int]:
 def log_ignored_generation_config(policy) -> dict:
     """Say which of the checkpoint's generation_config.json processors RL does not apply (they would make the
     rollouts off-policy); returns them for run_info.json."""
-    from rlhfkit.sampling import checkpoint_processor_settings
+    from rlhfkit.logits_processors import checkpoint_processor_settings
 
     ignored = {key: value for key, value in checkpoint_processor_settings(policy).items()}
     if ignored:

@@ -40,7 +40,7 @@ VALUE_MODEL_DIR = "value_model"
 TRAINER_STATE = "trainer_state.json"
 
 
-def compute_advantages(args: PPOConfig, scores, kl, mask, values, kl_coef: float, step_rewards=None):
+def step_advantages(args: PPOConfig, scores, kl, mask, values, kl_coef: float, step_rewards=None):
     """Advantages [B, T] and value targets [B, T] (None without a critic) for the configured estimator."""
     return rl.compute_advantages(
         args.advantage_estimator, scores, kl, mask, values, kl_coef, gamma=args.gamma, lam=args.lam,

@@ -11,7 +11,8 @@ import torch
 
 from rlhfkit.rl import estimators as rl
 from rlhfkit.rl.config import PPOConfig
-from rlhfkit.rl.networks import suppress_tokens, suppressed_token_ids
+from rlhfkit.logits_processors import suppress_tokens
+from rlhfkit.rl.networks import suppressed_token_ids
 
 
 
@@ -89,6 +90,7 @@ def response_plan(batch: Rollout, rows, kind: str):
     to the stop token, samples of the same prompt form a group (their prompt is computed once under
     `prefix_shared`), and the scored tokens are the response tokens."""
     from rlhfkit import pairwise
+    from rlhfkit.scoring import groups_by_key
 
     ids = batch.input_ids[rows].tolist()
     attention = batch.attention_mask[rows].tolist()
@@ -97,7 +99,7 @@ def response_plan(batch: Rollout, rows, kind: str):
     for row_ids, row_mask in zip(ids, attention):
         sequences.append([token for token, keep in zip(row_ids, row_mask) if keep])
         score_from.append(sum(row_mask[:prompt_width]))
-    groups = pairwise.groups_by_key([tuple(seq[:start]) for seq, start in zip(sequences, score_from)])
+    groups = groups_by_key([tuple(seq[:start]) for seq, start in zip(sequences, score_from)])
     return pairwise.plan(sequences, groups, kind=kind, score_from=score_from).to(batch.input_ids.device)
 
 

@@ -155,6 +155,7 @@ def train_label_token_stage(stage: str, script_args, model_args, training_args, 
     from rlhfkit.checkpoints import StageOutput
     from rlhfkit.cli import to_dict
     from rlhfkit.faults import install_fault_handlers
+    from rlhfkit.threads import follow_between_steps
     from rlhfkit.saving import save_final_model
 
     train_dataset = Dataset.from_list(train_records)
@@ -168,6 +169,7 @@ def train_label_token_stage(stage: str, script_args, model_args, training_args, 
                                 eval_dataset=eval_dataset, processing_class=tokenizer, candidates=candidates,
                                 metric=metric, pairwise_forward=script_args.pairwise_forward)
     install_fault_handlers(trainer, training_args)  # preemption → checkpoint + exit 75; non-finite loss → stop
+    follow_between_steps(trainer)  # take the cores a finished partner stage left (RLHFKIT_THREADS_FILE)
     metrics: dict = {}
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     if measure_start:  # the step-0 evaluation of eval_on_start
