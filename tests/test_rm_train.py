@@ -215,7 +215,11 @@ BAD_INVOCATIONS = [
 
 
 @pytest.mark.parametrize("extra,expected", BAD_INVOCATIONS)
-def test_bad_invocations_fail_with_one_line(tmp_path, sentiment_data, extra, expected):
+def test_bad_invocations_fail_with_one_line(tmp_path, sentiment_data, capsys, extra, expected):
+    """The first case runs as a user's process (`python rm_train.py`); the others through the same entry point
+    (`run_stage`) in this process, which is where the one line is made (a process start costs ~12 s here)."""
+    from tests.test_faults_stages import run_in_process
+
     train, _ = sentiment_data
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
                                                 {"prompt": "q", "chosen": "", "rejected": "b"}])
@@ -226,10 +230,14 @@ def test_bad_invocations_fail_with_one_line(tmp_path, sentiment_data, extra, exp
     args = [a.format(**values) for a in extra]
     if "--model_name_or_path" not in args:
         args += ["--model_name_or_path", "tiny-random-llama"]
-    result = _launch([sys.executable, "rm_train.py", *args, "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"],
-                     timeout=300)
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    args += ["--output_dir", str(tmp_path / "out"), "--use_cpu", "true"]
+    if extra is BAD_INVOCATIONS[0][0]:
+        result = _launch([sys.executable, "rm_train.py", *args], timeout=300)
+        code, err = result.returncode, result.stderr
+    else:
+        code, err = run_in_process("rm_train", args, capsys)
+    assert code == 2, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], err[-2000:]
+    assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
