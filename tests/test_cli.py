@@ -49,6 +49,7 @@ def test_run_stage_prints_one_line_and_exits_2(capsys):
     assert err == "error: data.jsonl: row 3: field 'chosen': is empty\n"
 
 
+@pytest.mark.slow  # starts a Python process per script (~12 s each here): kept out of make test-fast
 @pytest.mark.parametrize("script", ["rm_train.py", "eval_benchmark.py"])
 def test_help_works(script):
     result = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True, timeout=120)

@@ -165,6 +165,7 @@ def test_read_rows_torn_tail(tmp_path):
         shards.read_rows(path, allow_torn_tail=True)
 
 
+@pytest.mark.slow  # starts Python processes (~12 s each here): kept out of make test-fast
 def test_cli_help_and_one_line_error(tmp_path):
     import subprocess
 

@@ -297,6 +297,7 @@ def _train_toy(objective, seed, steps=600, batch_size=16, lr=0.05, weighting="in
     return accuracy, sum(weights_small) / len(weights_small)
 
 
+@pytest.mark.slow  # two small training runs per seed (~6 s each here): kept out of make test-fast
 @pytest.mark.parametrize("seed", [0, 1])
 def test_more_beats_multitask_on_the_worst_source(seed):
     # --more_weighting inverse_norm; the reference rule with two sources and l2 is multitask (see below)
