@@ -93,14 +93,14 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         raise UserError(f"all {len(train_rows)} training pairs are longer than --max_length {max_length}")
 
     # ---------------------------------------------------------------- train & save
+    counts = {"train": train_counts, "eval": eval_counts}
     run_info = {**trainer_run_info(script_args, model_args, model_record, tokenizer, pad_action, train_rows, data.report,
-                                  comparisons={"train": train_counts, "eval": eval_counts}),
+                                  comparisons=counts),
                 RUN_INFO_KEY: template.to_dict()}
     return train_label_token_stage(
         "pm", script_args, model_args, training_args, model=model, model_path=model_path, tokenizer=tokenizer,
         candidates=candidates, train_rows=train_rows, train_records=train_records, eval_records=eval_records,
-        metric="pairs", run_info=run_info, counts={"train": train_counts, "eval": eval_counts},
-        before_keys=("eval_loss", "eval_accuracy", "eval_order_agreement"))
+        metric="pairs", run_info=run_info, counts=counts)
 
 
 if __name__ == "__main__":

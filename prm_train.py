@@ -94,14 +94,14 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         raise UserError(f"all {len(train_rows)} training rows are longer than --max_length {max_length}")
 
     # ---------------------------------------------------------------- train & save
+    counts = {"train": train_counts, "eval": eval_counts}
     run_info = {**trainer_run_info(script_args, model_args, model_record, tokenizer, pad_action, train_rows, report,
-                                  steps={"train": train_counts, "eval": eval_counts}),
+                                  steps=counts),
                 RUN_INFO_KEY: fmt.to_dict()}
     return train_label_token_stage(
         "prm", script_args, model_args, training_args, model=model, model_path=model_path, tokenizer=tokenizer,
         candidates=candidates, train_rows=train_rows, train_records=train_records, eval_records=eval_records,
-        metric="steps", run_info=run_info, counts={"train": train_counts, "eval": eval_counts},
-        before_keys=("eval_loss", "eval_step_accuracy", "eval_negative_f1"))
+        metric="steps", run_info=run_info, counts=counts)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@
 Used by `generation/generate.py` (the HF backend) and by `ppo_train.py` (rollouts).
 
 Why a loop of our own rather than `model.generate`:
-- **On-policy by construction** (the processors: `rlhfkit/logits_processors.py`). `generate` fills every field its caller leaves unset from the checkpoint's
-  `generation_config.json`, so a shipped `repetition_penalty`, `no_repeat_ngram_size`, `min_new_tokens`,
-  `suppress_tokens` or `bad_words_ids` silently changes the distribution samples come from, while PPO's
-  log-probs use `logits / T`. Here the logits reach the sampling rule untouched unless the caller asks for the
+- **On-policy by construction** (the processors: `rlhfkit/logits_processors.py`). `generate` fills every field its
+  caller leaves unset from the checkpoint's `generation_config.json`, so a shipped `repetition_penalty`,
+  `no_repeat_ngram_size`, `min_new_tokens`, `suppress_tokens` or `bad_words_ids` silently changes the distribution
+  samples come from, while PPO's log-probs use `logits / T`. Here the logits reach the sampling rule untouched unless the caller asks for the
   checkpoint's processors (`checkpoint_processors=True`, what plain generation does by default) or for suppressed
   tokens (the same `suppress_tokens` function then runs where PPO computes log-probs).
 - **Per-row seeds.** `generate(do_sample=True)` draws every row from one global RNG, so a prompt's samples depend

@@ -4,8 +4,8 @@ Two stages side by side on a 2-core CPU run best with one thread each (torch's t
 when the cores are oversubscribed); when one ends, the other should take both cores. A chain script (the demo)
 writes the count it wants into the file named by `$RLHFKIT_THREADS_FILE`; `follow()` is called between steps by
 the long-running loops (ppo_train.py's PPO steps, generate.py's batches, and through `follow_between_steps` every
-HF-Trainer stage's optimizer steps) and applies a changed count. Without the
-variable, or with an unreadable file, nothing changes.
+HF-Trainer stage's optimizer steps) and applies a changed count. Without the variable, or with an unreadable file,
+nothing changes.
 """
 
 from __future__ import annotations

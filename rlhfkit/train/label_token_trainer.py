@@ -138,16 +138,20 @@ class LabelTokenArguments(TrainingDefaults, TrainingArguments):
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint (as TRL's configs)."})
 
 
+# the held-out numbers each metric reports "before training" (suffixed `_before` in metrics.json)
+BEFORE_TRAINING_KEYS = {"pairs": ("eval_loss", "eval_accuracy", "eval_order_agreement"),
+                        "steps": ("eval_loss", "eval_step_accuracy", "eval_negative_f1")}
+
+
 def train_label_token_stage(stage: str, script_args, model_args, training_args, *, model, model_path: str, tokenizer,
                             candidates: list[int], train_rows: list, train_records: list[dict],
-                            eval_records: list[dict], metric: str, run_info: dict, counts: dict,
-                            before_keys: tuple[str, ...]) -> dict:
+                            eval_records: list[dict], metric: str, run_info: dict, counts: dict) -> dict:
     """The train and save sections pm_train.py and prm_train.py share; returns the stage's metrics. The staging dir
     appears only here, so bad input found before leaves nothing behind; a resume must be the same run (flags,
     training rows, model, tokenizer: `StageOutput.for_trainer`). `run_info`: the stage's own part of run_info.json
     (the label tokens and the layout used are added); `counts`: the train/eval example counts, kept in metrics.json.
 
-    "Before training" (`before_keys`, suffixed `_before`) is measured inside train() (eval_on_start), not by an
+    "Before training" (`BEFORE_TRAINING_KEYS[metric]`, suffixed `_before`) is measured inside train() (eval_on_start), not by an
     evaluate() ahead of it: under ZeRO-3 that leaves HF's Trainer holding an inference engine and no training engine
     (backward on None)."""
     from datasets import Dataset
@@ -174,7 +178,7 @@ def train_label_token_stage(stage: str, script_args, model_args, training_args, 
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     if measure_start:  # the step-0 evaluation of eval_on_start
         start = next(entry for entry in trainer.state.log_history if "eval_loss" in entry)
-        metrics.update({f"{k}_before": v for k, v in start.items() if k in before_keys})
+        metrics.update({f"{k}_before": v for k, v in start.items() if k in BEFORE_TRAINING_KEYS[metric]})
     metrics.update({f"train_{k}" if not k.startswith("train") else k: v for k, v in train_result.metrics.items()})
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())
